@@ -1,0 +1,157 @@
+"""The ``safereset`` command: serve, worker, migrate and user administration."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any
+
+import click
+
+from safereset import logs
+from safereset.addresses import InvalidAddress
+from safereset.errors import UserExists, UserNotFound
+from safereset.passwords import PasswordRejected
+from safereset.runtime import Runtime, build
+from safereset.settings import SettingsError, load_settings
+from safereset.store.db import DatabaseError, check_schema, migrate
+
+# Errors an operator can fix; each becomes one line on standard error and exit 1.
+OPERATOR_ERRORS = (
+    SettingsError,
+    DatabaseError,
+    InvalidAddress,
+    UserExists,
+    UserNotFound,
+    PasswordRejected,
+)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OPERATOR_ERRORS as error:
+            raise click.ClickException(str(error)) from None
+
+
+def _runtime(*, migrate_first: bool = False) -> Runtime:
+    settings = load_settings()
+    logs.configure(settings.log_format, settings.log_level)
+    runtime = build(settings)
+    if migrate_first:
+        migrate(runtime.service.engine)
+    check_schema(runtime.service.engine)
+    return runtime
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="safereset")
+def cli() -> None:
+    """Account recovery service. Settings come from SAFERESET_* environment variables."""
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--no-worker", is_flag=True, help="Do not deliver mail in this process.")
+def serve(host: str, port: int, no_worker: bool) -> None:
+    """Migrate the database, then serve the API and pages (and deliver mail)."""
+    import uvicorn
+
+    from safereset.web.app import create_app
+
+    runtime = _runtime(migrate_first=True)
+    app = create_app(runtime, run_worker=False if no_worker else None)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,  # the app logs each request without its query string
+        proxy_headers=False,
+        server_header=False,
+    )
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
+def worker(once: bool) -> None:
+    """Deliver queued mail until interrupted (SIGINT or SIGTERM)."""
+    mail_worker = _runtime().worker()
+    if once:
+        sent = asyncio.run(mail_worker.deliver_due())
+        click.echo(f"delivered {sent} message(s)")
+        return
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await mail_worker.run(stop)
+
+    asyncio.run(run())
+
+
+@cli.command("migrate")
+def migrate_command() -> None:
+    """Create or upgrade the database schema."""
+    settings = load_settings()
+    logs.configure(settings.log_format, settings.log_level)
+    runtime = build(settings)
+    migrate(runtime.service.engine)
+    click.echo("database is up to date")
+
+
+@cli.group()
+def user() -> None:
+    """Manage accounts."""
+
+
+@user.command("add")
+@click.argument("email")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from the first line of standard input. "
+    "Without it the account has no password until the user recovers it.",
+)
+def user_add(email: str, password_stdin: bool) -> None:
+    """Create an active account for EMAIL."""
+    password = None
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise click.ClickException("no password on standard input")
+    user_id = _runtime().service.add_user(email, password)
+    click.echo(f"added user {user_id}")
+
+
+@user.command("list")
+def user_list() -> None:
+    """List accounts: id, state, whether a password is set, address."""
+    for view in _runtime().service.list_users():
+        password = "password" if view.has_password else "no-password"
+        click.echo(f"{view.user_id}\t{view.state}\t{password}\t{view.email}")
+
+
+@user.command("disable")
+@click.argument("email")
+def user_disable(email: str) -> None:
+    """Disable an account and end its sessions and recovery links."""
+    _runtime().service.disable_user(email)
+    click.echo("disabled")
+
+
+@user.command("enable")
+@click.argument("email")
+def user_enable(email: str) -> None:
+    """Enable a disabled account."""
+    _runtime().service.enable_user(email)
+    click.echo("enabled")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,92 @@
+"""Logging set-up: one line per request and per state change, text or JSON.
+
+Every record carries the request id of the HTTP request it belongs to (from a
+context variable) and the ids passed as ``extra={"ids": {...}}``. A filter
+replaces anything shaped like a token with a placeholder, so a token that
+reaches a message or an argument by mistake still never reaches a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+from safereset.crypto import TOKEN_PATTERN
+
+request_id: ContextVar[str | None] = ContextVar("safereset_request_id", default=None)
+
+REDACTED = "[token redacted]"
+
+
+def event(logger: logging.Logger, message: str, **ids: object) -> None:
+    """Log a state change at INFO with the ids involved."""
+    logger.info(message, extra={"ids": ids})
+
+
+class _Scrub(logging.Filter):
+    """Redacts token-shaped text and attaches the request id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if TOKEN_PATTERN.search(message):
+            record.msg = TOKEN_PATTERN.sub(REDACTED, message)
+            record.args = None
+        ids = getattr(record, "ids", None)
+        if isinstance(ids, dict):
+            record.ids = {
+                key: TOKEN_PATTERN.sub(REDACTED, value) if isinstance(value, str) else value
+                for key, value in ids.items()
+            }
+        record.request_id = request_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields: dict[str, Any] = dict(getattr(record, "ids", None) or {})
+        current_request = getattr(record, "request_id", None)
+        if current_request:
+            fields = {"request_id": current_request, **fields}
+        if fields:
+            line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
+        # Tracebacks are formatted here, after the filter ran, so scrub again.
+        return TOKEN_PATTERN.sub(REDACTED, line)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        current_request = getattr(record, "request_id", None)
+        if current_request:
+            entry["request_id"] = current_request
+        entry.update(getattr(record, "ids", None) or {})
+        if record.exc_info:
+            entry["exception"] = TOKEN_PATTERN.sub(REDACTED, self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def configure(log_format: str = "text", level: str = "INFO") -> None:
+    """Send safereset's and Uvicorn's logs to standard error in one format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Scrub())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("safereset", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    # safereset writes its own request line without the query string.
+    logging.getLogger("uvicorn.access").disabled = True

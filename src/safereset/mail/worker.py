@@ -1,0 +1,101 @@
+"""The delivery worker: leases due messages, composes them and hands them to a transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from urllib.parse import urlsplit
+
+from safereset.crypto import SealError
+from safereset.mail.compose import compose
+from safereset.mail.outbox import LeasedMail, Outbox
+from safereset.mail.transports import Transport, TransportError
+
+log = logging.getLogger("safereset.worker")
+
+
+def worker_name() -> str:
+    """Return an id for this worker that is unique across hosts and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Worker:
+    """Delivers outbox messages until stopped."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        transport: Transport,
+        *,
+        sender: str,
+        public_url: str,
+        poll_seconds: float = 1.0,
+        name: str | None = None,
+    ) -> None:
+        self.outbox = outbox
+        self.transport = transport
+        self.sender = sender
+        self.public_url = public_url
+        self.poll_seconds = poll_seconds
+        self.name = name or worker_name()
+        # Stable per outbox message, so a redelivery carries the same Message-ID.
+        self.message_id_domain = urlsplit(public_url).hostname or "safereset"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver due messages, then wait ``poll_seconds``, until ``stop`` is set."""
+        log.info(
+            "worker started",
+            extra={"ids": {"worker": self.name, "transport": self.transport.describe()}},
+        )
+        while not stop.is_set():
+            try:
+                await self.deliver_due()
+            except Exception:
+                # A database outage must not end the worker; it tries again later.
+                log.exception("delivery round failed", extra={"ids": {"worker": self.name}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+        log.info("worker stopped", extra={"ids": {"worker": self.name}})
+
+    async def deliver_due(self) -> int:
+        """Deliver every message that is due now; return how many were sent."""
+        sent = 0
+        while True:
+            mail = await asyncio.to_thread(self.outbox.lease_next, self.name)
+            if mail is None:
+                return sent
+            if await self._deliver(mail):
+                sent += 1
+
+    async def _deliver(self, mail: LeasedMail) -> bool:
+        try:
+            message = compose(
+                mail.kind,
+                sender=self.sender,
+                recipient=mail.recipient,
+                message_id=f"<{mail.message_id}@{self.message_id_domain}>",
+                date=self.outbox.now(),
+                values=self._values(mail),
+            )
+            await self.transport.send(message)
+        except (TransportError, SealError, ValueError) as error:
+            await asyncio.to_thread(self.outbox.failed, mail, str(error))
+            log.warning(
+                "delivery failed",
+                extra={"ids": {"message_id": mail.message_id, "error": str(error)}},
+            )
+            return False
+        return await asyncio.to_thread(self.outbox.delivered, mail)
+
+    def _values(self, mail: LeasedMail) -> dict[str, object]:
+        values = dict(mail.values)
+        if mail.kind == "recovery_link":
+            if mail.secret is None:
+                raise ValueError("recovery mail has no sealed token")
+            # The link starts with the configured public URL, never a request's Host.
+            values["link"] = f"{self.public_url}/recover?token={mail.secret}"
+        return values

@@ -1,0 +1,62 @@
+"""Password hashing (Argon2id) and the password policy."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+# Length rules of NIST SP 800-63B section 5.1.1.2: at least 8 characters, no
+# composition rules. The upper bound keeps one hash cheap to request.
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+class PasswordRejected(ValueError):
+    """A new password fails the policy; the message says why."""
+
+
+def check_policy(password: str, email: str) -> None:
+    """Raise ``PasswordRejected`` unless ``password`` may be set for ``email``."""
+    length = len(unicodedata.normalize("NFC", password))
+    if length < MIN_PASSWORD_LENGTH:
+        raise PasswordRejected(f"password must be at least {MIN_PASSWORD_LENGTH} characters long")
+    if length > MAX_PASSWORD_LENGTH:
+        raise PasswordRejected(f"password must be at most {MAX_PASSWORD_LENGTH} characters long")
+    if fold(password) == fold(email):
+        raise PasswordRejected("password must not be the account's email address")
+
+
+def fold(text: str) -> str:
+    """Fold case and Unicode compatibility forms, so equal-looking texts compare equal."""
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+class Hasher:
+    """Argon2id with RFC 9106's low-memory parameters (t=3, m=64 MiB, p=4).
+
+    They exceed OWASP's minimum for Argon2id (m=19 MiB, t=2, p=1). The
+    parameters are kept in each hash string, so raising them later works:
+    ``needs_rehash`` tells the caller to store a new hash after a login.
+    """
+
+    def __init__(self, hasher: PasswordHasher | None = None) -> None:
+        self._hasher = hasher or PasswordHasher()
+        # Verified against when the user is unknown, so a login for an
+        # unknown address costs one hash like a login for a known one.
+        self._dummy_hash = self._hasher.hash("safereset-dummy-password")
+
+    def hash(self, password: str) -> str:
+        return self._hasher.hash(password)
+
+    def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Check ``password``; with no stored hash, spend the same time and fail."""
+        try:
+            self._hasher.verify(stored_hash or self._dummy_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+        return stored_hash is not None
+
+    def needs_rehash(self, stored_hash: str) -> bool:
+        return self._hasher.check_needs_rehash(stored_hash)

@@ -1,0 +1,53 @@
+"""Wiring: from settings to a ready service, outbox and worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from safereset.crypto import Keyring
+from safereset.mail.outbox import Outbox
+from safereset.mail.transports import transport_from_url
+from safereset.mail.worker import Worker
+from safereset.passwords import Hasher
+from safereset.service import Service, utc_now
+from safereset.settings import Settings
+from safereset.store.db import make_engine
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    service: Service
+    outbox: Outbox
+
+    def worker(self) -> Worker:
+        return Worker(
+            self.outbox,
+            transport_from_url(self.settings.resolved_mail_url),
+            sender=self.settings.mail_from,
+            public_url=self.settings.public_url,
+            poll_seconds=self.settings.worker_poll_seconds,
+        )
+
+
+def build(
+    settings: Settings,
+    *,
+    hasher: Hasher | None = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> Runtime:
+    """Create the engine, keyring and service that ``settings`` describe."""
+    engine = make_engine(settings.resolved_database_url)
+    keyring = Keyring([settings.load_secret_key()])
+    service = Service(
+        engine,
+        keyring,
+        public_url=settings.public_url,
+        token_ttl=timedelta(seconds=settings.token_ttl_seconds),
+        session_ttl=timedelta(seconds=settings.session_ttl_seconds),
+        hasher=hasher,
+        clock=clock,
+    )
+    return Runtime(settings, service, Outbox(engine, keyring, clock))

@@ -1,0 +1,132 @@
+"""Settings, read from ``SAFERESET_*`` environment variables and checked at start-up."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_KEY_FILE = "secret.key"  # noqa: S105  # a file name, not a secret
+# 32 bytes (256 bits) matches the strength of HMAC-SHA-256.
+SECRET_KEY_MIN_BYTES = 32
+
+
+class SettingsError(Exception):
+    """The environment holds a setting that start-up cannot accept."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAFERESET_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("safereset-data"),
+        description="Folder for the embedded defaults: database, secret key and mail.",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default a SQLite file in the data folder."
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Base URL that links in mail start with; never taken from a request.",
+    )
+    secret_key: str | None = Field(
+        default=None,
+        description="Key for token digests and CSRF (at least 32 bytes); default generated.",
+    )
+    mail_url: str | None = Field(
+        default=None,
+        description="smtp://, smtp+starttls://, smtps:// or file:// URL; default a folder.",
+    )
+    mail_from: str = Field(default="safereset <no-reply@localhost>")
+    token_ttl_seconds: int = Field(default=1800, ge=60, le=86400)
+    session_ttl_seconds: int = Field(default=43200, ge=60, le=2592000)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    run_worker: bool = Field(default=True, description="Deliver mail inside `safereset serve`.")
+    worker_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not contain a query or a fragment")
+        return value.rstrip("/")
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: str | None) -> str | None:
+        if value is not None and len(value.encode()) < SECRET_KEY_MIN_BYTES:
+            raise ValueError(f"must be at least {SECRET_KEY_MIN_BYTES} bytes long")
+        return value
+
+    @field_validator("mail_url")
+    @classmethod
+    def _check_mail_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "file":
+            if not parts.path:
+                raise ValueError("file:// URL needs a folder path")
+        elif parts.scheme in ("smtp", "smtp+starttls", "smtps"):
+            if not parts.hostname:
+                raise ValueError("SMTP URL needs a host")
+            try:
+                parts.port  # noqa: B018  # parsing the port raises on a bad one
+            except ValueError as error:
+                raise ValueError(f"invalid port: {error}") from None
+        else:
+            raise ValueError("scheme must be smtp, smtp+starttls, smtps or file")
+        return value
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'safereset.db'}"
+
+    @property
+    def resolved_mail_url(self) -> str:
+        return self.mail_url or (self.data_dir / "outbox").resolve().as_uri()
+
+    def load_secret_key(self) -> bytes:
+        """Return the secret key, creating and storing one on first run when none is set."""
+        if self.secret_key is not None:
+            return self.secret_key.encode()
+        path = self.data_dir / SECRET_KEY_FILE
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: of two processes starting at once, only one writes a key.
+            try:
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(descriptor, "w", encoding="ascii") as key_file:
+                    key_file.write(secrets.token_urlsafe(48))
+        key = path.read_text(encoding="ascii").strip()
+        if len(key.encode()) < SECRET_KEY_MIN_BYTES:
+            raise SettingsError(
+                f"{path}: secret key is shorter than {SECRET_KEY_MIN_BYTES} bytes; "
+                "delete the file to generate a new one or set SAFERESET_SECRET_KEY"
+            )
+        return key.encode()
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning validation errors into one message per variable."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field = str(item["loc"][0]) if item["loc"] else "?"
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"SAFERESET_{field.upper()}: {message}")
+        raise SettingsError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,82 @@
+"""Engine set-up and schema migrations (Alembic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class DatabaseError(Exception):
+    """The database cannot be used: unreachable, invalid URL, or schema behind."""
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite gets a busy timeout, WAL and foreign keys."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise DatabaseError(f"SAFERESET_DATABASE_URL is not a database URL: {error}") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_immediate)
+        return engine
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def _configure_sqlite(connection: Any, record: Any) -> None:
+    # Let SQLAlchemy issue BEGIN itself (see _begin_immediate).
+    connection.isolation_level = None
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _begin_immediate(connection: Any) -> None:
+    # BEGIN IMMEDIATE takes the write lock at the start, so two writers wait
+    # for each other instead of one failing at commit with "database is locked".
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["engine"] = engine
+    return config
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision."""
+    try:
+        command.upgrade(_alembic_config(engine), "head")
+    except OperationalError as error:
+        raise DatabaseError(f"cannot migrate the database: {error.orig}") from None
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise ``DatabaseError`` when the database is unreachable or not migrated."""
+    head = ScriptDirectory.from_config(_alembic_config(engine)).get_current_head()
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+    except OperationalError as error:
+        raise DatabaseError(f"cannot connect to the database: {error.orig}") from None
+    if current != head:
+        raise DatabaseError(
+            f"database schema is at revision {current or 'none'}, expected {head}: "
+            "run `safereset migrate`"
+        )

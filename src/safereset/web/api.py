@@ -1,0 +1,129 @@
+"""The JSON API: parse, call one use case, answer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from safereset.errors import InvalidSession
+from safereset.service import Service
+
+router = APIRouter(prefix="/api")
+
+# Field bounds keep bodies small before any work; the password policy gives
+# the precise message for lengths between them and the policy's own bounds.
+EMAIL_MAX = 320
+PASSWORD_MAX = 4096
+TOKEN_MAX = 128
+
+RECOVERY_ACCEPTED = (
+    "If an account exists for this address, a recovery link is on its way to the "
+    "address stored for it."
+)
+
+
+def service(request: Request) -> Service:
+    svc: Service = request.app.state.service
+    return svc
+
+
+ServiceDep = Annotated[Service, Depends(service)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RecoveryRequest(Strict):
+    email: str = Field(min_length=1, max_length=EMAIL_MAX)
+
+
+class RecoveryAccepted(BaseModel):
+    status: str = "accepted"
+    message: str = RECOVERY_ACCEPTED
+
+
+class RecoveryCompletion(Strict):
+    token: str = Field(min_length=1, max_length=TOKEN_MAX)
+    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
+
+
+class PasswordChanged(BaseModel):
+    status: str = "password_changed"
+
+
+class Credentials(Strict):
+    email: str = Field(min_length=1, max_length=EMAIL_MAX)
+    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
+
+
+class SessionCreated(BaseModel):
+    token: str
+    token_type: str = "Bearer"  # noqa: S105  # the scheme name, not a secret
+    expires_in: int
+
+
+class CurrentUser(BaseModel):
+    user_id: int
+    email: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody},
+    413: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+    503: {"model": ErrorBody},
+}
+
+
+@router.post("/recovery", status_code=202, responses=ERROR_RESPONSES)
+def request_recovery(body: RecoveryRequest, svc: ServiceDep) -> RecoveryAccepted:
+    """Mail a one-time recovery link; the answer is the same for every valid address."""
+    svc.request_recovery(body.email)
+    return RecoveryAccepted()
+
+
+@router.post("/recovery/complete", responses=ERROR_RESPONSES)
+def complete_recovery(body: RecoveryCompletion, svc: ServiceDep) -> PasswordChanged:
+    """Set a new password with the token from a recovery link. Does not log in."""
+    svc.complete_recovery(body.token, body.password)
+    return PasswordChanged()
+
+
+@router.post("/sessions", status_code=201, responses={401: {"model": ErrorBody}, **ERROR_RESPONSES})
+def log_in(body: Credentials, svc: ServiceDep) -> SessionCreated:
+    """Log in with email address and password; the token goes in ``Authorization: Bearer``."""
+    token = svc.log_in(body.email, body.password)
+    return SessionCreated(token=token, expires_in=int(svc.session_ttl.total_seconds()))
+
+
+def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidSession
+    return token.strip()
+
+
+BearerDep = Annotated[str, Depends(bearer_token)]
+
+
+@router.get("/sessions/current", responses={401: {"model": ErrorBody}})
+def current_session(token: BearerDep, svc: ServiceDep) -> CurrentUser:
+    """Return the account behind the session token."""
+    user = svc.authenticate(token)
+    return CurrentUser(user_id=user.user_id, email=user.email)
+
+
+@router.delete("/sessions/current", status_code=204, responses={401: {"model": ErrorBody}})
+def log_out(token: BearerDep, svc: ServiceDep) -> Response:
+    """Revoke the session token (log out)."""
+    svc.log_out(token)
+    return Response(status_code=204)

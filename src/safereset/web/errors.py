@@ -1,0 +1,95 @@
+"""The one table that maps errors to HTTP answers, and the handlers that apply it.
+
+Every error answer is a short JSON object ``{"error": code, "message": text}``,
+with ``field`` where one input is at fault. Nothing from a stack trace, a
+token or a password reaches a response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from safereset.addresses import InvalidAddress
+from safereset.errors import InvalidCredentials, InvalidSession, InvalidToken
+from safereset.passwords import PasswordRejected
+
+log = logging.getLogger("safereset.http")
+
+# exception type -> (status, error code, message or None to use str(error), field)
+ERRORS: dict[type[Exception], tuple[int, str, str | None, str | None]] = {
+    InvalidToken: (400, "invalid_or_expired_token", "the link is invalid, used or expired", None),
+    InvalidCredentials: (401, "invalid_credentials", "email address or password is wrong", None),
+    InvalidSession: (401, "invalid_session", "session token is missing, expired or revoked", None),
+    InvalidAddress: (422, "invalid_email", None, "email"),
+    PasswordRejected: (422, "password_rejected", None, "password"),
+    OperationalError: (503, "unavailable", "the database is unavailable; try again later", None),
+}
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, str]:
+    body = {"error": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return body
+
+
+def answer(error: Exception) -> JSONResponse:
+    """Map a known exception to its JSON response."""
+    for kind, (status, code, message, field) in ERRORS.items():
+        if isinstance(error, kind):
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            if status == 503:
+                headers = {"Retry-After": "5"}
+            return JSONResponse(
+                error_body(code, message or str(error), field), status, headers=headers
+            )
+    raise error
+
+
+def _validation(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    first: dict[str, Any] = error.errors()[0] if error.errors() else {}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body("malformed_json", "request body is not valid JSON"), 400)
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "header")]
+    field = ".".join(location) or "body"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        message = "field is required"
+    else:
+        message = str(first.get("msg", "invalid value"))
+    return JSONResponse(error_body("invalid_request", message, field), 422)
+
+
+def _http(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    return JSONResponse(
+        error_body(code, str(error.detail)), error.status_code, headers=error.headers
+    )
+
+
+def _known(request: Request, error: Exception) -> JSONResponse:
+    return answer(error)
+
+
+def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=error)
+    return JSONResponse(error_body("internal_error", "internal error"), 500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    for kind in ERRORS:
+        app.add_exception_handler(kind, _known)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,185 @@
+"""HTML pages: ask for a link, open the link, set the new password.
+
+They work without JavaScript. Forms carry a CSRF token: an HMAC of a random
+value kept in a SameSite cookie, checked on every POST.
+
+The mail link ``/recover?token=...`` moves the token into a cookie scoped to
+``/recover`` and redirects to the bare path, so the token leaves the address
+bar and browser history and never appears in the page. Opening the link does
+not use the ticket; only submitting the new password does.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Cookie, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from safereset.addresses import InvalidAddress
+from safereset.errors import InvalidToken
+from safereset.passwords import PasswordRejected
+from safereset.web.api import EMAIL_MAX, PASSWORD_MAX, ServiceDep
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
+
+CSRF_COOKIE = "safereset_csrf"
+RECOVERY_COOKIE = "safereset_recovery"
+CSRF_PURPOSE = "csrf"
+
+
+def _csrf_nonce(request: Request) -> tuple[str, bool]:
+    """Return the browser's CSRF nonce, and whether it is new and must be set."""
+    nonce = request.cookies.get(CSRF_COOKIE)
+    if nonce and len(nonce) <= 64:
+        return nonce, False
+    return secrets.token_urlsafe(32), True
+
+
+def _render(request: Request, name: str, status: int = 200, **values: object) -> HTMLResponse:
+    nonce, fresh = _csrf_nonce(request)
+    keyring = request.app.state.service.keyring
+    values["csrf"] = keyring.digest(CSRF_PURPOSE, nonce)
+    response = templates.TemplateResponse(request, name, values, status_code=status)
+    if fresh:
+        response.set_cookie(
+            CSRF_COOKIE,
+            nonce,
+            httponly=True,
+            samesite="strict",
+            secure=request.app.state.https,
+            path="/",
+        )
+    return response
+
+
+def _csrf_valid(request: Request, submitted: str) -> bool:
+    nonce = request.cookies.get(CSRF_COOKIE)
+    if not nonce:
+        return False
+    keyring = request.app.state.service.keyring
+    return bool(keyring.verify(CSRF_PURPOSE, nonce, submitted))
+
+
+def _csrf_failed(request: Request) -> HTMLResponse:
+    return _render(
+        request,
+        "message.html",
+        403,
+        title="Form expired",
+        text="This form expired or did not come from this site. Reload the page and try again.",
+    )
+
+
+CsrfField = Annotated[str, Form(max_length=128)]
+
+
+@router.get("/forgot", response_class=HTMLResponse)
+def forgot_form(request: Request) -> HTMLResponse:
+    return _render(request, "forgot.html")
+
+
+@router.post("/forgot", response_class=HTMLResponse)
+def forgot_submit(
+    request: Request,
+    svc: ServiceDep,
+    csrf: CsrfField = "",
+    email: Annotated[str, Form(max_length=EMAIL_MAX)] = "",
+) -> HTMLResponse:
+    if not _csrf_valid(request, csrf):
+        return _csrf_failed(request)
+    try:
+        svc.request_recovery(email)
+    except InvalidAddress as error:
+        return _render(request, "forgot.html", 422, error=str(error), email=email)
+    return _render(
+        request,
+        "message.html",
+        title="Check your mail",
+        text=(
+            "If an account exists for this address, we sent a link to the address "
+            "stored for it. The link works once and expires soon."
+        ),
+    )
+
+
+def _invalid_link(request: Request) -> HTMLResponse:
+    response = _render(
+        request,
+        "message.html",
+        400,
+        title="Link invalid or expired",
+        text="This link was used, replaced by a newer one, or has expired.",
+        action=("/forgot", "Ask for a new link"),
+    )
+    response.delete_cookie(RECOVERY_COOKIE, path="/recover")
+    return response
+
+
+@router.get("/recover", response_class=HTMLResponse)
+def recover_form(
+    request: Request,
+    svc: ServiceDep,
+    token: str | None = None,
+    recovery: Annotated[str | None, Cookie(alias=RECOVERY_COOKIE)] = None,
+) -> Response:
+    if token is not None:
+        redirect = RedirectResponse("/recover", status_code=303)
+        redirect.set_cookie(
+            RECOVERY_COOKIE,
+            token[:128],
+            max_age=int(svc.token_ttl.total_seconds()),
+            httponly=True,
+            # Lax: the cookie must come along when the redirect follows a
+            # click in a webmail page on another site.
+            samesite="lax",
+            secure=request.app.state.https,
+            path="/recover",
+        )
+        return redirect
+    try:
+        svc.check_ticket(recovery or "")
+    except InvalidToken:
+        return _invalid_link(request)
+    return _render(request, "recover.html")
+
+
+@router.post("/recover", response_class=HTMLResponse)
+def recover_submit(
+    request: Request,
+    svc: ServiceDep,
+    csrf: CsrfField = "",
+    password: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
+    password_again: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
+    recovery: Annotated[str | None, Cookie(alias=RECOVERY_COOKIE)] = None,
+) -> Response:
+    if not _csrf_valid(request, csrf):
+        return _csrf_failed(request)
+    if password != password_again:
+        return _render(request, "recover.html", 422, error="The two passwords differ.")
+    try:
+        svc.complete_recovery(recovery or "", password)
+    except InvalidToken:
+        return _invalid_link(request)
+    except PasswordRejected as error:
+        return _render(request, "recover.html", 422, error=f"{str(error).capitalize()}.")
+    done = RedirectResponse("/recover/done", status_code=303)
+    done.delete_cookie(RECOVERY_COOKIE, path="/recover")
+    return done
+
+
+@router.get("/recover/done", response_class=HTMLResponse)
+def recover_done(request: Request) -> HTMLResponse:
+    return _render(
+        request,
+        "message.html",
+        title="Password changed",
+        text=(
+            "Your password was changed and every session of your account was signed "
+            "out. Log in with the new password."
+        ),
+    )
