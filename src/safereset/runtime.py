@@ -50,4 +50,5 @@ def build(
         hasher=hasher,
         clock=clock,
     )
-    return Runtime(settings, service, Outbox(engine, keyring, clock))
+    lease = timedelta(seconds=settings.mail_lease_seconds)
+    return Runtime(settings, service, Outbox(engine, keyring, clock, lease=lease))

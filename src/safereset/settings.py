@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     run_worker: bool = Field(default=True, description="Deliver mail inside `safereset serve`.")
     worker_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    mail_lease_seconds: int = Field(
+        default=120,
+        ge=35,
+        le=3600,
+        description="How long a worker holds a message before another may take it over.",
+    )
 
     @field_validator("public_url")
     @classmethod

@@ -32,7 +32,7 @@ log = logging.getLogger("safereset.outbox")
 SEAL_PURPOSE = "outbox"
 # How long a worker may hold a message before another may take it over. It
 # must outlast one delivery attempt (the SMTP timeout is 30 s).
-LEASE = timedelta(seconds=120)
+DEFAULT_LEASE = timedelta(seconds=120)
 # How many due messages one lease call looks at before giving up for now.
 LEASE_CANDIDATES = 20
 
@@ -91,8 +91,10 @@ class Outbox:
         keyring: Keyring,
         clock: Callable[[], datetime],
         policy: RetryPolicy | None = None,
+        lease: timedelta = DEFAULT_LEASE,
     ) -> None:
         self._engine = engine
+        self._lease = lease
         self._keyring = keyring
         self._clock = clock
         self._policy = policy or RetryPolicy()
@@ -116,7 +118,7 @@ class Outbox:
             ).all()
             for row in candidates:
                 core = MessageCore(row.id, self._policy)
-                verdict = MESSAGES.restore(row, core).lease(worker, now, now + LEASE)
+                verdict = MESSAGES.restore(row, core).lease(worker, now, now + self._lease)
                 MESSAGES.save(db, row, core, now)
                 if verdict is Verdict.ACCEPTED:
                     event(log, "mail leased", message_id=row.id, worker=worker)
