@@ -134,3 +134,16 @@ def text_body(message: EmailMessage) -> str:
     assert part is not None
     content: str = part.get_content()
     return content
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print how many (machine, state, input) cases the exhaustive suite covers."""
+    from safereset.machines import MACHINES
+
+    parts = []
+    total = 0
+    for machine in MACHINES.values():
+        states, inputs = len(machine.state_names()), len(machine.input_names())
+        total += states * inputs
+        parts.append(f"{machine.name} {states} states x {inputs} inputs = {states * inputs}")
+    terminalreporter.write_line(f"state machine cases: {'; '.join(parts)}; total {total}")

@@ -11,7 +11,9 @@ import click
 
 from safereset import logs
 from safereset.addresses import InvalidAddress
+from safereset.diagrams import FORMATS, document, render
 from safereset.errors import UserExists, UserNotFound
+from safereset.machines import MACHINES
 from safereset.passwords import PasswordRejected
 from safereset.runtime import Runtime, build
 from safereset.settings import SettingsError, load_settings
@@ -103,6 +105,25 @@ def migrate_command() -> None:
     runtime = build(settings)
     migrate(runtime.service.engine)
     click.echo("database is up to date")
+
+
+@cli.command()
+@click.argument("machine", required=False, type=click.Choice(sorted(MACHINES)))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([*FORMATS, "markdown-doc"]),
+    default="table",
+    show_default=True,
+    help="table: Markdown transition table; mermaid: stateDiagram-v2; dot: Graphviz; "
+    "markdown-doc: the whole of docs/machines.md.",
+)
+def diagram(machine: str | None, fmt: str) -> None:
+    """Print the transition table or diagram of one machine, or of all."""
+    if fmt == "markdown-doc":
+        click.echo(document(), nl=False)
+        return
+    click.echo(render([machine] if machine else list(MACHINES), fmt), nl=False)
 
 
 @cli.group()

@@ -75,18 +75,58 @@ InputsT = TypeVar("InputsT")
 CoreT = TypeVar("CoreT")
 
 
+INITIAL_STATE = "new"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One row of a machine's transition table."""
+
+    state: str
+    input: str
+    next_state: str
+    outputs: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class MachineDefinition(Generic[InputsT, CoreT]):
     """A built machine with its persisted states, so the store can restore one.
 
     ``states`` maps each persisted state name to Automat's state object. The
     initial state ``new`` is not among them: it exists only in memory, before
-    the first input creates the record.
+    the first input creates the record. ``protocol`` declares every input,
+    the private ones included.
     """
 
     name: str
     factory: TypeMachine[Any, CoreT]
     states: Mapping[str, Any]
+    protocol: type
+
+    def state_names(self) -> list[str]:
+        """Return every state, the initial ``new`` first."""
+        return [INITIAL_STATE, *self.states]
+
+    def input_names(self) -> list[str]:
+        """Return every input the protocol declares, in declaration order."""
+        names: list[str] = []
+        for klass in reversed(self.protocol.__mro__):
+            if klass in (object, Protocol, Generic) or not getattr(klass, "_is_protocol", False):
+                continue
+            for name, value in vars(klass).items():
+                if callable(value) and not name.startswith("__") and name not in names:
+                    names.append(name)
+        return names
+
+    def transitions(self) -> list[Transition]:
+        """Return the transition table, ordered by state and input declaration."""
+        automaton = self.factory.__automat_automaton__
+        rows = [
+            Transition(old.name, symbol, new.name, tuple(output.name for output in outputs))
+            for old, symbol, new, outputs in automaton.allTransitions()
+        ]
+        states, inputs = self.state_names(), self.input_names()
+        return sorted(rows, key=lambda row: (states.index(row.state), inputs.index(row.input)))
 
     def create(self, core: CoreT) -> InputsT:
         """Start a machine in ``new``, ready for the input that creates the record."""

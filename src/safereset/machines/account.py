@@ -78,7 +78,9 @@ def _build() -> MachineDefinition[Account, AccountCore]:
         active.upon(gated).loop().returns(Verdict.ACCEPTED)
         disabled.upon(gated).loop().returns(Verdict.REJECTED)
 
-    return MachineDefinition("account", builder.build(), {"active": active, "disabled": disabled})
+    return MachineDefinition(
+        "account", builder.build(), {"active": active, "disabled": disabled}, Account
+    )
 
 
 ACCOUNT = _build()

@@ -232,7 +232,7 @@ def _build() -> MachineDefinition[Message, MessageCore]:
         final.upon(M.lease).loop().returns(Verdict.REJECTED)
 
     states = {s.name: s for s in (pending, leased, retrying, sent, dead)}
-    return MachineDefinition("message", builder.build(), states)
+    return MachineDefinition("message", builder.build(), states, _MessageInternals)
 
 
 MESSAGE = _build()

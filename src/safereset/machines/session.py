@@ -76,7 +76,7 @@ def _build() -> MachineDefinition[Session, SessionCore]:
     new.upon(_SessionInternals.open).to(active).returns(None)
 
     @active.upon(_SessionInternals.authenticate).loop()
-    def check(inputs: _SessionInternals, core: SessionCore, data: Active, now: datetime) -> Verdict:
+    def check_expiry(inputs: _SessionInternals, core: SessionCore, data: Active, now: datetime) -> Verdict:
         if now < data.expires_at:
             return Verdict.ACCEPTED
         inputs._lapse()  # Automat runs this input after the current one returns.
@@ -90,7 +90,7 @@ def _build() -> MachineDefinition[Session, SessionCore]:
         state.upon(_SessionInternals.revoke).loop().returns(None)
 
     states = {s.name: s for s in (active, expired, revoked)}
-    return MachineDefinition("session", builder.build(), states)
+    return MachineDefinition("session", builder.build(), states, _SessionInternals)
 
 
 SESSION = _build()

@@ -97,14 +97,14 @@ def _build() -> MachineDefinition[Ticket, TicketCore]:
     new.upon(_TicketInternals.issue).to(issued).returns(None)
 
     @issued.upon(_TicketInternals.peek).loop()
-    def check(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
+    def check_expiry(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
         if now < data.expires_at:
             return Verdict.ACCEPTED
         inputs._lapse()  # Automat runs this input after the current one returns.
         return Verdict.REJECTED
 
     @issued.upon(_TicketInternals.redeem).loop()
-    def use(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
+    def redeem_unless_expired(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
         if now < data.expires_at:
             inputs._consume()
             return Verdict.ACCEPTED
@@ -122,7 +122,9 @@ def _build() -> MachineDefinition[Ticket, TicketCore]:
         state.upon(_TicketInternals.supersede).loop().returns(None)
         state.upon(_TicketInternals.revoke).loop().returns(None)
 
-    return MachineDefinition("ticket", builder.build(), {s.name: s for s in (issued, *ended)})
+    return MachineDefinition(
+        "ticket", builder.build(), {s.name: s for s in (issued, *ended)}, _TicketInternals
+    )
 
 
 TICKET = _build()
