@@ -17,7 +17,7 @@ SECRET_KEY_MIN_BYTES = 32
 
 
 class SettingsError(Exception):
-    """The environment holds a setting that start-up cannot accept."""
+    """The environment contains a setting that start-up cannot accept."""
 
 
 class Settings(BaseSettings):

@@ -21,7 +21,7 @@ DataT = TypeVar("DataT")
 
 
 class Verdict(enum.Enum):
-    """A machine's answer to an input that a caller may not be allowed to make."""
+    """The result of an input that a caller may not be allowed to make."""
 
     ACCEPTED = "accepted"
     REJECTED = "rejected"

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 An account starts ``new`` and becomes ``active`` when an operator or the
 embedding application creates the user. An operator may ``disable`` it and
-``enable`` it again. Each gated action is an input that the machine answers
-with a verdict: an active account is ACCEPTED, a disabled one REJECTED. The
+``enable`` it again. Each gated action is an input that returns a verdict:
+ACCEPTED for an active account, REJECTED for a disabled one. The
 verdicts change no state, so the caller's transaction decides what follows.
 
 Disabling also ends the account's sessions and tickets, but those are other

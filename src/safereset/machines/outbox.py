@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A message starts ``new`` and is ``queue``d as ``pending`` in the same
-transaction as the change that causes it. A worker asks to ``lease`` it for a
-while; the machine grants the lease (ACCEPTED) and moves to ``leased`` with the
+transaction as the change that causes it. A worker requests a ``lease`` on
+it. The machine grants the lease (ACCEPTED) and moves to ``leased`` with the
 worker's id, the lease end and the attempt number. The worker then reports
 ``delivered`` (to ``sent``) or ``failed``: the message moves to ``retrying``
 with the time of the next attempt, or to ``dead`` after the last attempt.
@@ -38,8 +38,8 @@ class RetryPolicy:
     """How often and how far apart a message is tried.
 
     Six attempts spaced 30 s, 1, 2, 4 and 8 minutes apart span about a quarter
-    of an hour, half the default link lifetime: a mail that has not gone out
-    by then carries a link the user can no longer use.
+    of an hour, half the default link lifetime. A mail that has not gone out
+    by then would carry a link the user can barely use.
     """
 
     max_attempts: int = 6

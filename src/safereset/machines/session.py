@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 A session starts ``new`` and becomes ``active`` with an expiry time when the
-user logs in. ``authenticate(now)`` answers ACCEPTED while the session is
-active and unexpired; at or after the expiry it answers REJECTED and moves to
+user logs in. ``authenticate(now)`` returns ACCEPTED while the session is
+active and unexpired. At or after the expiry it returns REJECTED and moves to
 ``expired``. ``revoke`` ends it: logout, a password reset, a disabled account.
-Ended sessions answer REJECTED to ``authenticate`` and ignore ``revoke``.
+Ended sessions return REJECTED to ``authenticate`` and ignore ``revoke``.
 
 Rejected: any use after expiry or revocation. Out of scope: the token itself
 (the store keeps only its keyed digest) and atomicity across processes (the
@@ -76,7 +76,9 @@ def _build() -> MachineDefinition[Session, SessionCore]:
     new.upon(_SessionInternals.open).to(active).returns(None)
 
     @active.upon(_SessionInternals.authenticate).loop()
-    def check_expiry(inputs: _SessionInternals, core: SessionCore, data: Active, now: datetime) -> Verdict:
+    def check_expiry(
+        inputs: _SessionInternals, core: SessionCore, data: Active, now: datetime
+    ) -> Verdict:
         if now < data.expires_at:
             return Verdict.ACCEPTED
         inputs._lapse()  # Automat runs this input after the current one returns.

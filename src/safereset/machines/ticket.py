@@ -4,16 +4,16 @@ Theory of operation
 -------------------
 A ticket starts ``new`` and becomes ``issued`` with an expiry time computed
 from the moment of issue and the time to live. The only way to use it is
-``redeem(now)``: before the expiry it answers ACCEPTED and moves to
-``redeemed``, so it answers ACCEPTED at most once; at or after the expiry it
-answers REJECTED and moves to ``expired``. ``supersede`` (a newer request for
+``redeem(now)``: before the expiry it returns ACCEPTED and moves to
+``redeemed``, so it accepts at most once. At or after the expiry it returns
+REJECTED and moves to ``expired``. ``supersede`` (a newer request for
 the same user) and ``revoke`` (password changed by another route, account
 disabled, reset completed through another ticket) end an issued ticket.
 
 ``peek(now)`` checks a ticket without consuming it, because opening the link
 page must not use the ticket: mail scanners fetch links before people do.
 
-Every ended state answers REJECTED to ``redeem`` and ``peek`` and ignores
+Every ended state returns REJECTED to ``redeem`` and ``peek`` and ignores
 ``supersede`` and ``revoke``, so ending a ticket twice is harmless.
 
 Rejected: a second redemption, redemption at or after the expiry, any revival
@@ -97,14 +97,18 @@ def _build() -> MachineDefinition[Ticket, TicketCore]:
     new.upon(_TicketInternals.issue).to(issued).returns(None)
 
     @issued.upon(_TicketInternals.peek).loop()
-    def check_expiry(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
+    def check_expiry(
+        inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime
+    ) -> Verdict:
         if now < data.expires_at:
             return Verdict.ACCEPTED
         inputs._lapse()  # Automat runs this input after the current one returns.
         return Verdict.REJECTED
 
     @issued.upon(_TicketInternals.redeem).loop()
-    def redeem_unless_expired(inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime) -> Verdict:
+    def redeem_unless_expired(
+        inputs: _TicketInternals, core: TicketCore, data: Issued, now: datetime
+    ) -> Verdict:
         if now < data.expires_at:
             inputs._consume()
             return Verdict.ACCEPTED

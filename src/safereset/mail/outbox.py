@@ -2,7 +2,7 @@
 
 ``queue`` runs inside the caller's transaction, so the mail is committed with
 the state change that causes it or not at all. Workers lease due messages one
-at a time; the lease is a transition of the message machine written as a
+at a time. Each lease is a transition of the message machine, written as a
 compare-and-set, so two workers never hold the same message at once.
 """
 

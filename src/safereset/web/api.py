@@ -1,4 +1,4 @@
-"""The JSON API: parse, call one use case, answer."""
+"""The JSON API: parse the request, call one use case, return the response."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 
 @router.post("/recovery", status_code=202, responses=ERROR_RESPONSES)
 def request_recovery(body: RecoveryRequest, svc: ServiceDep) -> RecoveryAccepted:
-    """Mail a one-time recovery link; the answer is the same for every valid address."""
+    """Mail a one-time recovery link; the response is the same for every valid address."""
     svc.request_recovery(body.email)
     return RecoveryAccepted()
 

@@ -57,7 +57,7 @@ def create_app(runtime: Runtime, *, run_worker: bool | None = None) -> FastAPI:
 
     @app.get("/healthz", tags=["operations"])
     def health(request: Request) -> JSONResponse:
-        """Report whether the database answers."""
+        """Report whether the database responds to a query."""
         try:
             with runtime.service.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))

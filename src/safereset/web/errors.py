@@ -1,6 +1,6 @@
-"""The one table that maps errors to HTTP answers, and the handlers that apply it.
+"""The one table that maps errors to HTTP responses, and the handlers that apply it.
 
-Every error answer is a short JSON object ``{"error": code, "message": text}``,
+Every error response is a short JSON object ``{"error": code, "message": text}``,
 with ``field`` where one input is at fault. Nothing from a stack trace, a
 token or a password reaches a response.
 """
@@ -40,7 +40,7 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, s
     return body
 
 
-def answer(error: Exception) -> JSONResponse:
+def to_response(error: Exception) -> JSONResponse:
     """Map a known exception to its JSON response."""
     for kind, (status, code, message, field) in ERRORS.items():
         if isinstance(error, kind):
@@ -79,7 +79,7 @@ def _http(request: Request, error: Exception) -> JSONResponse:
 
 
 def _known(request: Request, error: Exception) -> JSONResponse:
-    return answer(error)
+    return to_response(error)
 
 
 def _unexpected(request: Request, error: Exception) -> JSONResponse:
