@@ -1,4 +1,4 @@
-"""Every machine, every state × every input.
+"""Every machine, every state by every input.
 
 The pairs come from the machines themselves (their states and the inputs
 their protocols declare). What each pair must do comes from the decision
@@ -203,10 +203,7 @@ SPECS: dict[str, Spec] = {
         core=lambda: TicketCore("t1"),
         data={
             "issued": Issued(LATER),
-            **{
-                state: TicketEnded()
-                for state in ("redeemed", "expired", "superseded", "revoked")
-            },
+            **{state: TicketEnded() for state in ("redeemed", "expired", "superseded", "revoked")},
         },
         decisions=ticket_decisions(),
     ),

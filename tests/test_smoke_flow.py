@@ -33,7 +33,9 @@ def test_reset_by_link(runtime: Runtime, smtp_server: Mailbox) -> None:
     assert deliver(runtime, smtp_server) == 1
     [mail] = smtp_server.wait_for(1)
     assert mail["To"] == "Alice@example.com"
-    match = re.search(r"https://reset\.example\.test/recover\?token=(srt_[\w-]{43})", text_body(mail))
+    match = re.search(
+        r"https://reset\.example\.test/recover\?token=(srt_[\w-]{43})", text_body(mail)
+    )
     assert match is not None
     token = match.group(1)
 
