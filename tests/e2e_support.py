@@ -52,7 +52,7 @@ class Deployment:
         return f"http://{HOST}:{self.port}"
 
     def environment(self) -> dict[str, str]:
-        """Return this process's environment with only this deployment's SAFERESET_ values."""
+        """Return this process's environment with its SAFERESET_ variables replaced by ours."""
         inherited = {
             name: value for name, value in os.environ.items() if not name.startswith("SAFERESET_")
         }
@@ -89,7 +89,7 @@ class Deployment:
 
 @dataclass
 class ServerProcess:
-    """One `safereset serve` subprocess; its standard error goes to a file."""
+    """One `safereset serve` subprocess, whose output and log go to a file."""
 
     deployment: Deployment
     options: tuple[str, ...]
@@ -106,7 +106,7 @@ class ServerProcess:
             str(self.deployment.port),
             *self.options,
         ]
-        # A file, not a pipe: a pipe nobody reads would fill up and block the server.
+        # A pipe that the test does not read would fill up and block the server, so use a file.
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
                 command,
@@ -117,7 +117,7 @@ class ServerProcess:
             )
 
     def wait_until_healthy(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
-        """Poll GET /healthz until it returns 200; fail with the server log on timeout or exit."""
+        """Poll GET /healthz until it returns 200, or fail the test with the server log."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         with httpx2.Client(base_url=self.deployment.public_url, trust_env=False) as client:
@@ -158,7 +158,7 @@ class ServerProcess:
 
 @dataclass
 class ServerLauncher:
-    """Starts servers for one test and stops every one of them at teardown."""
+    """The servers of one test, which the fixture stops at teardown."""
 
     deployment: Deployment
     log_folder: Path
