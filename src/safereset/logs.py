@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -27,18 +28,29 @@ def event(logger: logging.Logger, message: str, **ids: object) -> None:
     logger.info(message, extra={"ids": ids})
 
 
+# Control characters, escaped so that a request path with an encoded newline
+# cannot forge a log line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clean(text: str) -> str:
+    text = TOKEN_PATTERN.sub(REDACTED, text)
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 class _Scrub(logging.Filter):
-    """Redacts token-shaped text and attaches the request id."""
+    """Redacts token-shaped text, escapes control characters, attaches the request id."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if TOKEN_PATTERN.search(message):
-            record.msg = TOKEN_PATTERN.sub(REDACTED, message)
+        cleaned = _clean(message)
+        if cleaned != message:
+            record.msg = cleaned
             record.args = None
         ids = getattr(record, "ids", None)
         if isinstance(ids, dict):
             record.ids = {
-                key: TOKEN_PATTERN.sub(REDACTED, value) if isinstance(value, str) else value
+                key: _clean(value) if isinstance(value, str) else value
                 for key, value in ids.items()
             }
         record.request_id = request_id.get()
