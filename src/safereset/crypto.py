@@ -66,9 +66,12 @@ class Keyring:
 
     def verify(self, purpose: str, value: str, digest: str) -> bool:
         """Compare in constant time against the digests under every key."""
+        # Bytes, because compare_digest rejects str with non-ASCII characters
+        # and ``digest`` may come straight from a form field.
+        submitted = digest.encode("utf-8", "replace")
         found = False
         for candidate in self.digests(purpose, value):
-            found |= hmac.compare_digest(candidate, digest)
+            found |= hmac.compare_digest(candidate.encode("ascii"), submitted)
         return found
 
     def seal(self, purpose: str, plaintext: str, context: str) -> str:

@@ -72,7 +72,9 @@ def _validation(request: Request, error: Exception) -> JSONResponse:
 
 def _http(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(
+        error.status_code, "http_error"
+    )
     return JSONResponse(
         error_body(code, str(error.detail)), error.status_code, headers=error.headers
     )

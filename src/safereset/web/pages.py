@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from safereset.addresses import InvalidAddress
+from safereset.crypto import is_well_formed
 from safereset.errors import InvalidToken
 from safereset.passwords import PasswordRejected
 from safereset.web.api import EMAIL_MAX, PASSWORD_MAX, ServiceDep
@@ -128,10 +129,12 @@ def recover_form(
     recovery: Annotated[str | None, Cookie(alias=RECOVERY_COOKIE)] = None,
 ) -> Response:
     if token is not None:
+        if not is_well_formed(token):
+            return _invalid_link(request)
         redirect = RedirectResponse("/recover", status_code=303)
         redirect.set_cookie(
             RECOVERY_COOKIE,
-            token[:128],
+            token,
             max_age=int(svc.token_ttl.total_seconds()),
             httponly=True,
             # Lax: the cookie must come along when the redirect follows a
