@@ -66,6 +66,11 @@ def serve(host: str, port: int, no_worker: bool) -> None:
 
     runtime = _runtime(migrate_first=True)
     app = create_app(runtime, run_worker=False if no_worker else None)
+    # Uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the
+    # signal again under the handler that was installed before it started.
+    # These no-op handlers make that a clean exit with status 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: None)
     uvicorn.run(
         app,
         host=host,

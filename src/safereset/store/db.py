@@ -24,16 +24,25 @@ def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets a busy timeout, WAL and foreign keys."""
     try:
         parsed = make_url(url)
-    except ArgumentError as error:
-        raise DatabaseError(f"SAFERESET_DATABASE_URL is not a database URL: {error}") from None
-    if parsed.get_backend_name() == "sqlite":
+        if parsed.get_backend_name() != "sqlite":
+            return create_engine(parsed, pool_pre_ping=True)
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _configure_sqlite)
-        event.listen(engine, "begin", _begin_immediate)
-        return engine
-    return create_engine(parsed, pool_pre_ping=True)
+    except ArgumentError as error:
+        # NoSuchModuleError, an unknown dialect, is an ArgumentError too.
+        raise DatabaseError(f"SAFERESET_DATABASE_URL is not usable: {error}") from None
+    except ImportError as error:
+        raise DatabaseError(
+            f"the database driver for SAFERESET_DATABASE_URL is not installed: {error}"
+        ) from None
+    except OSError as error:
+        raise DatabaseError(
+            f"cannot create the folder of the SQLite database {parsed.database}: {error.strerror}"
+        ) from None
+    event.listen(engine, "connect", _configure_sqlite)
+    event.listen(engine, "begin", _begin_immediate)
+    return engine
 
 
 def _configure_sqlite(connection: Any, record: Any) -> None:
