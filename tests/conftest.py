@@ -25,6 +25,8 @@ from safereset.settings import Settings
 from safereset.store.db import migrate
 from safereset.web.app import create_app
 
+pytest_plugins = ("tests.browser_support",)
+
 IN_CI = os.environ.get("CI") == "true"
 SECRET_KEY = "test-secret-key-0123456789abcdef0123456789"
 

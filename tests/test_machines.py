@@ -14,12 +14,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import ModuleType
 from typing import Any
 
 import pytest
 from automat import NoTransition
+from automat._typed import TransitionRegistrar
 
-from safereset.machines import MACHINES, MachineDefinition, Verdict
+from safereset.machines import (
+    MACHINES,
+    MachineDefinition,
+    Verdict,
+    account,
+    outbox,
+    session,
+    ticket,
+)
 from safereset.machines._base import HasJournal
 from safereset.machines.account import AccountCore, Standing
 from safereset.machines.outbox import (
@@ -248,28 +258,85 @@ def start(machine: MachineDefinition[Any, Any], spec: Spec, state: str) -> tuple
     return machine.restore(core, state, spec.data[state]), core
 
 
-@pytest.mark.parametrize(("machine_name", "state", "input_name"), all_pairs())
-def test_state_input_pair(machine_name: str, state: str, input_name: str) -> None:
-    machine = MACHINES[machine_name]
-    spec = SPECS[machine_name]
+def pair_failures(
+    machine: MachineDefinition[Any, Any], spec: Spec, state: str, input_name: str
+) -> list[str]:
+    """Run every case decided for one pair; return a message per case that fails."""
+    where = f"machine {machine.name}, state {state}, input {input_name}"
     cases = spec.decisions.get((state, input_name))
-    assert cases, f"no test decision for machine {machine_name}, state {state}, input {input_name}"
+    if not cases:
+        return [f"no test decision for {where}"]
 
+    failures = []
     for case in cases:
         instance, core = start(machine, spec, state)
-        where = f"machine {machine_name}, state {state}, input {input_name}{case.args}"
-        if isinstance(case, Refused):
-            with pytest.raises(NoTransition):
-                getattr(instance, input_name)(*case.args)
-            assert core.journal.entries == [], f"{where}: a refused input entered a state"
-            continue
+        call = f"{where}{case.args}"
         try:
             result = getattr(instance, input_name)(*case.args)
         except NoTransition:
-            pytest.fail(f"{where}: the machine has no transition, expected {case}")
+            if isinstance(case, Moves):
+                failures.append(f"{call}: the machine has no transition, expected {case}")
+            elif core.journal.entries:
+                failures.append(f"{call}: a refused input entered a state")
+            continue
+        if isinstance(case, Refused):
+            failures.append(f"{call}: returned {result!r}, expected NoTransition")
+            continue
         entered = tuple(entry.state for entry in core.journal.entries)
-        assert entered == case.entered, f"{where}: entered {entered}, expected {case.entered}"
-        assert result == case.returns, f"{where}: returned {result!r}, expected {case.returns!r}"
+        if entered != case.entered:
+            failures.append(f"{call}: entered {entered}, expected {case.entered}")
+        if result != case.returns:
+            failures.append(f"{call}: returned {result!r}, expected {case.returns!r}")
+    return failures
+
+
+@pytest.mark.parametrize(("machine_name", "state", "input_name"), all_pairs())
+def test_state_input_pair(machine_name: str, state: str, input_name: str) -> None:
+    failures = pair_failures(MACHINES[machine_name], SPECS[machine_name], state, input_name)
+    assert failures == [], "\n".join(failures)
+
+
+def build_without(module: ModuleType, skipped: int) -> MachineDefinition[Any, Any]:
+    """Rebuild a machine as if the decorator of its transition number ``skipped`` were gone."""
+    registered = 0
+    original = TransitionRegistrar.__call__
+
+    def register(self: TransitionRegistrar[Any, Any, Any], impl: Any) -> Any:
+        nonlocal registered
+        registered += 1
+        if registered - 1 == skipped:
+            self._callback = impl  # counts as decorated, but never reaches the table
+            return impl
+        return original(self, impl)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TransitionRegistrar, "__call__", register)
+        return module._build()  # type: ignore[no-any-return]
+
+
+MACHINE_MODULES = {"ticket": ticket, "session": session, "account": account, "message": outbox}
+
+
+@pytest.mark.parametrize("machine_name", sorted(MACHINE_MODULES))
+def test_removed_transition_is_caught(machine_name: str) -> None:
+    """Each transition, removed alone, fails a case that names its state and input."""
+    complete = MACHINES[machine_name]
+    spec = SPECS[machine_name]
+    rows = {(row.state, row.input) for row in complete.transitions()}
+    for skipped in range(len(rows)):
+        mutant = build_without(MACHINE_MODULES[machine_name], skipped)
+        [(state, input_name)] = rows - {(row.state, row.input) for row in mutant.transitions()}
+        messages = [
+            message
+            for pair_state, pair_input in [
+                (s, i) for s in mutant.state_names() for i in mutant.input_names()
+            ]
+            for message in pair_failures(mutant, spec, pair_state, pair_input)
+        ]
+        named = f"machine {machine_name}, state {state}, input {input_name}"
+        assert any(message.startswith(named) for message in messages), (
+            f"removing {state} x {input_name} failed no case naming it: {messages}"
+        )
 
 
 def test_decisions_name_only_real_pairs() -> None:
