@@ -27,7 +27,6 @@ from safereset.web.app import create_app
 
 pytest_plugins = ("tests.browser_support",)
 
-IN_CI = os.environ.get("CI") == "true"
 SECRET_KEY = "test-secret-key-0123456789abcdef0123456789"
 
 
