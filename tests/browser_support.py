@@ -14,19 +14,13 @@ from typing import Any
 
 import pytest
 
-IN_CI = os.environ.get("CI") == "true"
+from tests.availability import unavailable
+
 BROWSER_DIR = Path(__file__).with_name("browser")
 MERMAID_JS = BROWSER_DIR / "node_modules" / "mermaid" / "dist" / "mermaid.min.js"
 # Headless Chromium as root needs --no-sandbox; the other two flags stop it from
 # reaching for Google's servers, which this network does not allow.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update"]
-
-
-def unavailable(reason: str) -> None:
-    """Skip with ``reason`` on a developer's machine; fail in CI."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true, so this is an error, not a skip)")
-    pytest.skip(reason)
 
 
 def chromium_path() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from safereset.settings import Settings
 from safereset.store.db import migrate
 from safereset.web.app import create_app
 
-pytest_plugins = ("tests.browser_support",)
+pytest_plugins = ("tests.browser_support", "tests.postgres_support")
 
 SECRET_KEY = "test-secret-key-0123456789abcdef0123456789"
 
@@ -68,9 +67,24 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database on each backend: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'safereset.db'}"
+    else:
+        from tests.postgres_support import postgres_schema
+
+        with postgres_schema() as url:
+            yield url
+
+
 @pytest.fixture
-def runtime(tmp_path: Path, clock: FakeClock, cheap_hasher: Hasher) -> Iterator[Runtime]:
-    built = build(make_settings(tmp_path), hasher=cheap_hasher, clock=clock)
+def runtime(
+    database_url: str, tmp_path: Path, clock: FakeClock, cheap_hasher: Hasher
+) -> Iterator[Runtime]:
+    settings = make_settings(tmp_path, database_url=database_url)
+    built = build(settings, hasher=cheap_hasher, clock=clock)
     migrate(built.service.engine)
     yield built
     built.service.engine.dispose()

@@ -112,6 +112,35 @@ def migrate_command() -> None:
     click.echo("database is up to date")
 
 
+@cli.group()
+def outbox() -> None:
+    """Inspect and retry queued mail."""
+
+
+@outbox.command("list")
+@click.option("--dead", is_flag=True, help="Only messages that failed their last attempt.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 10000))
+def outbox_list(dead: bool, limit: int) -> None:
+    """List messages, newest first: id, kind, state, attempts, due time, last error."""
+    for view in _runtime().outbox.list_messages(dead_only=dead, limit=limit):
+        error = (view.last_error or "").replace("\t", " ")
+        click.echo(
+            f"{view.message_id}\t{view.kind}\t{view.state}\t{view.attempt}\t"
+            f"{view.due_at.isoformat(timespec='seconds')}\t{error}"
+        )
+
+
+@outbox.command("retry")
+@click.argument("message_id")
+def outbox_retry(message_id: str) -> None:
+    """Queue a dead message again; the worker delivers it with a fresh set of attempts."""
+    try:
+        _runtime().outbox.requeue(message_id)
+    except (LookupError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("requeued")
+
+
 @cli.command()
 @click.argument("machine", required=False, type=click.Choice(sorted(MACHINES)))
 @click.option(

@@ -13,7 +13,7 @@ from safereset.mail.worker import Worker
 from safereset.passwords import Hasher
 from safereset.service import Service, utc_now
 from safereset.settings import Settings
-from safereset.store.db import make_engine
+from safereset.store.db import PoolSettings, make_engine
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Runtime:
     def worker(self) -> Worker:
         return Worker(
             self.outbox,
-            transport_from_url(self.settings.resolved_mail_url),
+            transport_from_url(self.settings.resolved_mail_url, self.settings.smtp_timeout_seconds),
             sender=self.settings.mail_from,
             public_url=self.settings.public_url,
             poll_seconds=self.settings.worker_poll_seconds,
@@ -39,7 +39,12 @@ def build(
     clock: Callable[[], datetime] = utc_now,
 ) -> Runtime:
     """Create the engine, keyring and service that ``settings`` describe."""
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url,
+        PoolSettings(
+            settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_seconds
+        ),
+    )
     keyring = Keyring([settings.load_secret_key()])
     service = Service(
         engine,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SECRET_KEY_FILE = "secret.key"  # noqa: S105  # a file name, not a secret
@@ -51,10 +51,27 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = Field(default=1.0, gt=0, le=60)
     mail_lease_seconds: int = Field(
         default=120,
-        ge=35,
+        ge=2,
         le=3600,
         description="How long a worker holds a message before another may take it over.",
     )
+    smtp_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=600, description="Timeout of one SMTP delivery attempt."
+    )
+    db_pool_size: int = Field(default=5, ge=1, le=100)
+    db_max_overflow: int = Field(default=10, ge=0, le=100)
+    db_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _check_lease_outlasts_delivery(self) -> Settings:
+        # A lease that ends while its worker still talks to the SMTP server
+        # lets a second worker send the same mail.
+        if self.mail_lease_seconds <= self.smtp_timeout_seconds + 1:
+            raise ValueError(
+                "mail_lease_seconds: must exceed SAFERESET_SMTP_TIMEOUT_SECONDS "
+                f"({self.smtp_timeout_seconds:g}) by more than 1 second"
+            )
+        return self
 
     @field_validator("public_url")
     @classmethod
@@ -132,7 +149,11 @@ def load_settings() -> Settings:
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            field = str(item["loc"][0]) if item["loc"] else "?"
             message = item["msg"].removeprefix("Value error, ")
+            if item["loc"]:
+                field = str(item["loc"][0])
+            else:
+                # Checks across fields name their field at the start of the message.
+                field, _, message = message.partition(": ")
             problems.append(f"SAFERESET_{field.upper()}: {message}")
         raise SettingsError("invalid settings: " + "; ".join(problems)) from None

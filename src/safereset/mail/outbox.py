@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from automat import NoTransition
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session as DbSession
 
@@ -33,7 +34,8 @@ SEAL_PURPOSE = "outbox"
 # How long a worker may hold a message before another may take it over. It
 # must outlast one delivery attempt (the SMTP timeout is 30 s).
 DEFAULT_LEASE = timedelta(seconds=120)
-# How many due messages one lease call looks at before giving up for now.
+# How many due messages one lease call may find unleasable (each then dies)
+# before it returns and lets the worker poll again.
 LEASE_CANDIDATES = 20
 
 
@@ -48,6 +50,20 @@ class LeasedMail:
     values: dict[str, Any]
     secret: str | None
     attempt: int
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """An outbox message as operators see it: no recipient, no secret."""
+
+    message_id: str
+    kind: str
+    state: str
+    attempt: int
+    user_id: int | None
+    created_at: datetime
+    due_at: datetime
+    last_error: str | None
 
 
 def queue(
@@ -103,20 +119,27 @@ class Outbox:
         return self._clock()
 
     def lease_next(self, worker: str) -> LeasedMail | None:
-        """Lease one due message for ``worker``, or return None when none is due."""
-        now = self._clock()
-        with DbSession(self._engine) as db, db.begin():
-            candidates = db.scalars(
-                select(models.OutboxMessage)
-                .where(
-                    models.OutboxMessage.state.in_(("pending", "retrying", "leased")),
-                    models.OutboxMessage.due_at <= now,
+        """Lease one due message for ``worker``, or return None when none is due.
+
+        Each round locks one due row with ``FOR UPDATE SKIP LOCKED`` (on
+        PostgreSQL; SQLite serialises writers instead), so concurrent workers
+        take different messages without waiting for each other.
+        """
+        for _ in range(LEASE_CANDIDATES):
+            now = self._clock()
+            with DbSession(self._engine) as db, db.begin():
+                row = db.scalar(
+                    select(models.OutboxMessage)
+                    .where(
+                        models.OutboxMessage.state.in_(("pending", "retrying", "leased")),
+                        models.OutboxMessage.due_at <= now,
+                    )
+                    .order_by(models.OutboxMessage.due_at)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
                 )
-                .order_by(models.OutboxMessage.due_at)
-                .limit(LEASE_CANDIDATES)
-                .with_for_update(skip_locked=True)
-            ).all()
-            for row in candidates:
+                if row is None:
+                    return None
                 core = MessageCore(row.id, self._policy)
                 verdict = MESSAGES.restore(row, core).lease(worker, now, now + self._lease)
                 MESSAGES.save(db, row, core, now)
@@ -173,3 +196,44 @@ class Outbox:
         state = core.journal.last.state if core.journal.last else row.state
         event(log, what, message_id=mail.message_id, attempt=mail.attempt, state=state)
         return True
+
+    def list_messages(self, *, dead_only: bool = False, limit: int = 100) -> list[MessageView]:
+        """Return the newest messages first, without their sealed secrets."""
+        query = select(models.OutboxMessage).order_by(models.OutboxMessage.created_at.desc())
+        if dead_only:
+            query = query.where(models.OutboxMessage.state == "dead")
+        with DbSession(self._engine) as db:
+            return [
+                MessageView(
+                    row.id,
+                    row.kind,
+                    row.state,
+                    row.attempt,
+                    row.user_id,
+                    row.created_at,
+                    row.due_at,
+                    row.last_error,
+                )
+                for row in db.scalars(query.limit(limit))
+            ]
+
+    def requeue(self, message_id: str) -> None:
+        """Start a dead message over.
+
+        Raises ``LookupError`` for an unknown id and ``ValueError`` when the
+        message machine rejects the requeue (the message is not dead).
+        """
+        now = self._clock()
+        with DbSession(self._engine) as db, db.begin():
+            row = db.get(models.OutboxMessage, message_id, with_for_update=True)
+            if row is None:
+                raise LookupError(f"no outbox message {message_id}")
+            core = MessageCore(row.id, self._policy)
+            try:
+                MESSAGES.restore(row, core).requeue()
+            except NoTransition:
+                raise ValueError(
+                    f"outbox message {message_id} is {row.state}; only dead messages can be retried"
+                ) from None
+            MESSAGES.save(db, row, core, now)
+        event(log, "mail requeued", message_id=message_id)

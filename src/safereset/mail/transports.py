@@ -11,8 +11,8 @@ from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
-# Long enough for a slow relay, short enough that the lease (see worker) outlasts it.
-SMTP_TIMEOUT_SECONDS = 30.0
+# Long enough for a slow relay; the settings require the mail lease to outlast it.
+DEFAULT_SMTP_TIMEOUT_SECONDS = 30.0
 
 
 class TransportError(Exception):
@@ -59,8 +59,9 @@ class SmtpTransport:
     ``smtp+starttls://`` requires STARTTLS, ``smtps://`` connects with TLS.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = DEFAULT_SMTP_TIMEOUT_SECONDS) -> None:
         parts = urlsplit(url)
+        self.timeout = timeout
         self.host = parts.hostname or ""
         self.implicit_tls = parts.scheme == "smtps"
         self.require_starttls = parts.scheme == "smtp+starttls"
@@ -78,7 +79,7 @@ class SmtpTransport:
                 password=self.password,
                 use_tls=self.implicit_tls,
                 start_tls=True if self.require_starttls else None,
-                timeout=SMTP_TIMEOUT_SECONDS,
+                timeout=self.timeout,
             )
         except (aiosmtplib.SMTPException, OSError) as error:
             raise TransportError(f"{type(error).__name__}: {error}") from None
@@ -88,9 +89,9 @@ class SmtpTransport:
         return f"SMTP {self.host}:{self.port} ({tls})"
 
 
-def transport_from_url(url: str) -> Transport:
+def transport_from_url(url: str, timeout: float = DEFAULT_SMTP_TIMEOUT_SECONDS) -> Transport:
     """Choose the transport for a ``SAFERESET_MAIL_URL`` value (already validated)."""
     parts = urlsplit(url)
     if parts.scheme == "file":
         return FolderTransport(Path(unquote(parts.path)))
-    return SmtpTransport(url)
+    return SmtpTransport(url, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,37 @@ class DatabaseError(Exception):
     """The database cannot be used: unreachable, invalid URL, or schema behind."""
 
 
-def make_engine(url: str) -> Engine:
+# How long a connection attempt to PostgreSQL may take before start-up or a
+# request gives up with a clear error instead of hanging.
+CONNECT_TIMEOUT_SECONDS = 5
+# A fixed key for pg_advisory_xact_lock, so that instances migrating at once
+# take turns. The value is arbitrary; it must only stay the same.
+MIGRATION_LOCK_KEY = 0x5AFE_2E5E7
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """Connection pool bounds for a server database (SQLAlchemy's QueuePool)."""
+
+    size: int = 5
+    max_overflow: int = 10
+    timeout_seconds: float = 10.0
+
+
+def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
     """Create an engine; SQLite gets a busy timeout, WAL and foreign keys."""
+    pool = pool or PoolSettings()
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() != "sqlite":
-            return create_engine(parsed, pool_pre_ping=True)
+            return create_engine(
+                parsed,
+                pool_pre_ping=True,
+                pool_size=pool.size,
+                max_overflow=pool.max_overflow,
+                pool_timeout=pool.timeout_seconds,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
+            )
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(parsed, connect_args={"timeout": 30})
@@ -69,7 +95,7 @@ def _alembic_config(engine: Engine) -> Config:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision."""
+    """Bring the schema to the newest revision; safe to run from several instances at once."""
     try:
         command.upgrade(_alembic_config(engine), "head")
     except OperationalError as error:

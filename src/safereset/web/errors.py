@@ -13,12 +13,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safereset.addresses import InvalidAddress
 from safereset.errors import InvalidCredentials, InvalidSession, InvalidToken
 from safereset.passwords import PasswordRejected
+from safereset.store.records import StaleRecord
 
 log = logging.getLogger("safereset.http")
 
@@ -29,7 +31,11 @@ ERRORS: dict[type[Exception], tuple[int, str, str | None, str | None]] = {
     InvalidSession: (401, "invalid_session", "session token is missing, expired or revoked", None),
     InvalidAddress: (422, "invalid_email", None, "email"),
     PasswordRejected: (422, "password_rejected", None, "password"),
+    StaleRecord: (409, "conflict", "another request changed the same record; try again", None),
+    # A lost or refused connection, or a pool with no free connection.
     OperationalError: (503, "unavailable", "the database is unavailable; try again later", None),
+    InterfaceError: (503, "unavailable", "the database is unavailable; try again later", None),
+    PoolTimeout: (503, "unavailable", "the database is busy; try again later", None),
 }
 
 
@@ -81,7 +87,10 @@ def _http(request: Request, error: Exception) -> JSONResponse:
 
 
 def _known(request: Request, error: Exception) -> JSONResponse:
-    return to_response(error)
+    response = to_response(error)
+    if response.status_code >= 409:
+        log.warning("request failed: %s %s", response.status_code, type(error).__name__)
+    return response
 
 
 def _unexpected(request: Request, error: Exception) -> JSONResponse:
