@@ -10,6 +10,10 @@ class InvalidToken(Exception):
     """The recovery token is unknown, used, superseded, revoked or expired."""
 
 
+class InvalidCode(Exception):
+    """The recovery code is wrong, or its flow is unknown, expired, locked or used."""
+
+
 class InvalidCredentials(Exception):
     """The email address and password do not identify an active account."""
 

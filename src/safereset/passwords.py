@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import unicodedata
+from collections.abc import Iterator
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -17,20 +20,52 @@ class PasswordRejected(ValueError):
     """A new password fails the policy; the message says why."""
 
 
-def check_policy(password: str, email: str) -> None:
-    """Raise ``PasswordRejected`` unless ``password`` may be set for ``email``."""
+def check_policy(password: str, email: str | None) -> None:
+    """Raise ``PasswordRejected`` unless ``password`` may be set for ``email``.
+
+    With ``email`` None only the length rules apply, for a check that must not
+    depend on whether an account exists.
+    """
     length = len(unicodedata.normalize("NFC", password))
     if length < MIN_PASSWORD_LENGTH:
         raise PasswordRejected(f"password must be at least {MIN_PASSWORD_LENGTH} characters long")
     if length > MAX_PASSWORD_LENGTH:
         raise PasswordRejected(f"password must be at most {MAX_PASSWORD_LENGTH} characters long")
-    if fold(password) == fold(email):
+    if email is not None and fold(password) == fold(email):
         raise PasswordRejected("password must not be the account's email address")
 
 
 def fold(text: str) -> str:
     """Fold case and Unicode compatibility forms, so equal-looking texts compare equal."""
     return unicodedata.normalize("NFKC", text).casefold()
+
+
+class HashingBusy(Exception):
+    """Every hashing slot is taken; the caller should answer 503 and retry later."""
+
+
+class HashGate:
+    """Bounds how many Argon2id computations run at once.
+
+    Each one takes 64 MiB and about 0.1 s of a core, so an unbounded number of
+    password requests would exhaust memory and delay everything else. A
+    request that finds every slot taken fails at once with ``HashingBusy``
+    instead of queueing without limit.
+    """
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError(f"hashing slots must be at least 1, got {slots}")
+        self._slots = threading.BoundedSemaphore(slots)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._slots.acquire(blocking=False):
+            raise HashingBusy
+        try:
+            yield
+        finally:
+            self._slots.release()
 
 
 class Hasher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -114,3 +114,55 @@ class OutboxMessage(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RecoveryRequest(Base):
+    """A recovery request recorded on the request path, resolved by a worker."""
+
+    __tablename__ = "recovery_requests"
+    __table_args__ = (Index("ix_recovery_requests_state", "state", "requested_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # The folded address as typed; erased once a worker resolves the request,
+    # so addresses without an account are not kept.
+    address_key: Mapped[str | None] = mapped_column(String(320))
+    method: Mapped[str] = mapped_column(String(8))
+    flow_id: Mapped[str | None] = mapped_column(String(32))
+    # Keyed digest of the client address, for the audit trail.
+    client_digest: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    reason: Mapped[str | None] = mapped_column(String(64))
+
+
+class Flow(Base):
+    """A code-method recovery flow; one exists for every code request."""
+
+    __tablename__ = "flows"
+    __table_args__ = (Index("ix_flows_user_state", "user_id", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Set by the worker for an address with an account; NULL never matches.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    code_digest: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    attempts_left: Mapped[int] = mapped_column(Integer)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Throttle(Base):
+    """One GCRA bucket: its theoretical arrival time, in seconds since the epoch."""
+
+    __tablename__ = "throttles"
+    __table_args__ = (Index("ix_throttles_tat", "tat"),)
+
+    scope: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tat: Mapped[float] = mapped_column(Float(precision=53))
+    allowed: Mapped[bool] = mapped_column(Boolean)

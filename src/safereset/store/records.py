@@ -16,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 from sqlalchemy import CursorResult, update
 from sqlalchemy.orm import Session as DbSession
 
-from safereset.machines import account, outbox, session, ticket
+from safereset.machines import account, flow, outbox, request, session, ticket
 from safereset.machines._base import HasJournal, MachineDefinition
 from safereset.store import models
 
@@ -141,7 +141,47 @@ def _message_columns(data: object, now: datetime) -> dict[str, Any]:
     raise TypeError(f"unexpected outbox state data {data!r}")
 
 
+def _flow_data(row: models.Flow) -> object:
+    if row.state == "open":
+        return flow.Open(row.expires_at, row.attempts_left)
+    return flow.Ended()
+
+
+def _flow_columns(data: object, now: datetime) -> dict[str, Any]:
+    match data:
+        case flow.Open(expires_at, attempts_left):
+            return {"expires_at": expires_at, "attempts_left": attempts_left}
+        case flow.Ended():
+            # A code is needed only while the flow is open.
+            return {"ended_at": now, "code_digest": None}
+    raise TypeError(f"unexpected flow state data {data!r}")
+
+
+def _request_data(row: models.RecoveryRequest) -> object:
+    match row.state:
+        case "pending":
+            return request.Pending()
+        case "issued":
+            return request.Issued()
+        case "dropped":
+            return request.Dropped(row.reason or "")
+    raise ValueError(f"recovery request {row.id} has unknown state {row.state!r}")
+
+
+def _request_columns(data: object, now: datetime) -> dict[str, Any]:
+    match data:
+        case request.Pending():
+            return {}
+        case request.Issued():
+            return {"resolved_at": now, "address_key": None}
+        case request.Dropped(reason):
+            return {"resolved_at": now, "address_key": None, "reason": reason}
+    raise TypeError(f"unexpected request state data {data!r}")
+
+
 TICKETS = Binding(ticket.TICKET, models.Ticket, _ticket_data, _ticket_columns)
 SESSIONS = Binding(session.SESSION, models.Session, _session_data, _session_columns)
 ACCOUNTS = Binding(account.ACCOUNT, models.User, _account_data, _account_columns)
 MESSAGES = Binding(outbox.MESSAGE, models.OutboxMessage, _message_data, _message_columns)
+FLOWS = Binding(flow.FLOW, models.Flow, _flow_data, _flow_columns)
+REQUESTS = Binding(request.REQUEST, models.RecoveryRequest, _request_data, _request_columns)

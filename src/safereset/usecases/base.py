@@ -1,0 +1,174 @@
+"""What every use case shares: configuration, transactions, lookups, revocation.
+
+Every use case runs in database transactions. A machine decides each step;
+the store writes each decision as a compare-and-set; mail is queued in the
+same transaction. An exception anywhere rolls back the whole transaction, so
+a failed call leaves no trace beyond what it meant to record.
+
+Locks are always taken in the order user, tickets, flows, sessions, so that no
+two use cases wait on each other in a cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar, cast
+
+from sqlalchemy import CursorResult, Engine, select, update
+from sqlalchemy.orm import Session as DbSession
+
+from safereset import crypto, throttle
+from safereset.logs import event
+from safereset.machines.flow import FlowCore
+from safereset.machines.session import SessionCore
+from safereset.machines.ticket import TicketCore
+from safereset.passwords import Hasher, HashGate
+from safereset.store import models
+from safereset.store.records import FLOWS, SESSIONS, TICKETS, StaleRecord
+
+log = logging.getLogger("safereset.service")
+
+TokenRowT = TypeVar("TokenRowT", models.Ticket, models.Session)
+
+TICKET_PURPOSE = "ticket"
+SESSION_PURPOSE = "session"
+CODE_PURPOSE = "code"
+CLIENT_PURPOSE = "client"
+# What operator commands and embedding code pass as the client address.
+LOCAL_CLIENT = "local"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ServiceBase:
+    """Configuration and helpers of the use cases, over one database."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        keyring: crypto.Keyring,
+        *,
+        public_url: str,
+        token_ttl: timedelta,
+        session_ttl: timedelta,
+        code_ttl: timedelta = timedelta(minutes=10),
+        limits: throttle.Limits | None = None,
+        hasher: Hasher | None = None,
+        hashing_slots: int | None = None,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.keyring = keyring
+        self.public_url = public_url
+        self.token_ttl = token_ttl
+        self.session_ttl = session_ttl
+        self.code_ttl = code_ttl
+        self.limits = limits or throttle.Limits()
+        self.hasher = hasher or Hasher()
+        self.hash_gate = HashGate(hashing_slots or os.cpu_count() or 1)
+        self.clock = clock
+
+    def _transaction(self) -> DbSession:
+        return DbSession(self.engine, expire_on_commit=False)
+
+    def _throttle(
+        self, db: DbSession, scope: str, key: str, rate: throttle.Rate, now: datetime
+    ) -> None:
+        throttle.check(db, self.keyring, scope, key, rate, now)
+
+    def _hash(self, password: str) -> str:
+        with self.hash_gate.slot():
+            return self.hasher.hash(password)
+
+    def _verify(self, stored_hash: str | None, password: str) -> bool:
+        with self.hash_gate.slot():
+            return self.hasher.verify(stored_hash, password)
+
+    def _find(
+        self, db: DbSession, model: type[TokenRowT], purpose: str, token: str, *, lock: bool = False
+    ) -> TokenRowT | None:
+        """Find a record by the digest of its token; a malformed token finds nothing."""
+        if not crypto.is_well_formed(token):
+            return None
+        query = select(model).where(model.digest.in_(self.keyring.digests(purpose, token)))
+        if lock:
+            query = query.with_for_update()
+        return db.scalar(query)
+
+    def _set_password(
+        self, db: DbSession, user: models.User, password_hash: str, changed_at: datetime
+    ) -> None:
+        result = cast(
+            CursorResult[object],
+            db.execute(
+                update(models.User)
+                .where(models.User.id == user.id, models.User.version == user.version)
+                .values(
+                    password_hash=password_hash,
+                    password_changed_at=changed_at,
+                    version=user.version + 1,
+                )
+                .execution_options(synchronize_session=False)
+            ),
+        )
+        if result.rowcount != 1:
+            raise StaleRecord(f"user {user.id} changed concurrently")
+
+    def _end_everything(self, db: DbSession, user_id: int, now: datetime) -> None:
+        """Revoke every usable ticket and flow and every active session of a user."""
+        self._end_credentials(db, user_id, now, supersede=False)
+        sessions = db.scalars(
+            select(models.Session)
+            .where(models.Session.user_id == user_id, models.Session.state == "active")
+            .with_for_update()
+        ).all()
+        for row in sessions:
+            core = SessionCore(row.id)
+            SESSIONS.restore(row, core).revoke()
+            SESSIONS.save(db, row, core, now)
+        if sessions:
+            event(log, "sessions revoked", user_id=user_id, count=len(sessions))
+
+    def _end_credentials(
+        self, db: DbSession, user_id: int, now: datetime, *, supersede: bool
+    ) -> None:
+        """Supersede or revoke the user's open tickets and code flows."""
+        tickets = db.scalars(
+            select(models.Ticket)
+            .where(models.Ticket.user_id == user_id, models.Ticket.state == "issued")
+            .with_for_update()
+        ).all()
+        for ticket_row in tickets:
+            ticket_core = TicketCore(ticket_row.id)
+            ticket = TICKETS.restore(ticket_row, ticket_core)
+            if supersede:
+                ticket.supersede()
+            else:
+                ticket.revoke()
+            TICKETS.save(db, ticket_row, ticket_core, now)
+            state = ticket_core.journal.entries[-1].state
+            event(log, f"ticket {state}", user_id=user_id, ticket_id=ticket_row.id)
+        flows = db.scalars(
+            select(models.Flow)
+            .where(models.Flow.user_id == user_id, models.Flow.state == "open")
+            .with_for_update()
+        ).all()
+        for flow_row in flows:
+            flow_core = FlowCore(flow_row.id)
+            flow = FLOWS.restore(flow_row, flow_core)
+            if supersede:
+                flow.supersede()
+            else:
+                flow.revoke()
+            FLOWS.save(db, flow_row, flow_core, now)
+            event(
+                log,
+                f"flow {flow_core.journal.entries[-1].state}",
+                user_id=user_id,
+                flow_id=flow_row.id,
+            )

@@ -1,0 +1,198 @@
+"""Recovery requests: recorded on the request path, resolved by the worker.
+
+The request path does the same work for every address: two rate-limit
+updates and one insert (two with a code flow), never a lookup of the
+account. Known and unknown addresses therefore cost the same by
+construction, not by padding with sleeps. The worker resolves each request
+off the request path: it looks the account up, asks the account machine and
+the per-account mail limit, and issues a link or arms the code flow.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session as DbSession
+
+from safereset import crypto
+from safereset.addresses import parse_address
+from safereset.logs import event
+from safereset.machines._base import Verdict
+from safereset.machines.account import AccountCore
+from safereset.machines.flow import FlowCore
+from safereset.machines.request import RequestCore
+from safereset.machines.ticket import TicketCore
+from safereset.mail import outbox
+from safereset.store import models
+from safereset.store.records import ACCOUNTS, FLOWS, REQUESTS, TICKETS
+from safereset.throttle import RateLimited
+from safereset.usecases.base import (
+    CLIENT_PURPOSE,
+    CODE_PURPOSE,
+    LOCAL_CLIENT,
+    TICKET_PURPOSE,
+    ServiceBase,
+    log,
+)
+from safereset.usecases.codes import code_subject
+
+METHODS = ("link", "code")
+# How many requests one worker round resolves before it delivers mail.
+REQUESTS_PER_ROUND = 50
+
+
+class Intake(ServiceBase):
+    def request_recovery(
+        self, email: str, client: str = LOCAL_CLIENT, method: str = "link"
+    ) -> str | None:
+        """Record a recovery request; return the flow id for the code method.
+
+        Returns alike for every valid address. Raises ``InvalidAddress`` for
+        an address that is not valid at all and ``RateLimited`` over a limit.
+        """
+        address = parse_address(email)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        now = self.clock()
+        request_id = uuid.uuid4().hex
+        flow_id = uuid.uuid4().hex if method == "code" else None
+        with self._transaction() as db, db.begin():
+            self._throttle(db, "recover_client", client, self.limits.recovery_per_client, now)
+            self._throttle(
+                db, "recover_address", address.key, self.limits.recovery_per_address, now
+            )
+            core = RequestCore(request_id)
+            REQUESTS.machine.create(core).record()
+            db.add(
+                models.RecoveryRequest(
+                    id=request_id,
+                    address_key=address.key,
+                    method=method,
+                    flow_id=flow_id,
+                    client_digest=self.keyring.digest(CLIENT_PURPOSE, client),
+                    requested_at=now,
+                    **REQUESTS.initial_columns(core, now),
+                )
+            )
+            if flow_id is not None:
+                flow_core = FlowCore(flow_id)
+                FLOWS.machine.create(flow_core).open(now, self.code_ttl)
+                db.add(
+                    models.Flow(
+                        id=flow_id,
+                        user_id=None,
+                        code_digest=None,
+                        created_at=now,
+                        **FLOWS.initial_columns(flow_core, now),
+                    )
+                )
+        event(log, "recovery requested", request_id=request_id, method=method, flow_id=flow_id)
+        return flow_id
+
+    def process_recovery_requests(self) -> int:
+        """Resolve pending requests, oldest first; return how many were resolved.
+
+        Each request is resolved in its own transaction, so a crash loses at
+        most the one in progress, which stays pending for the next round.
+        """
+        resolved = 0
+        for _ in range(REQUESTS_PER_ROUND):
+            now = self.clock()
+            with self._transaction() as db, db.begin():
+                row = db.scalar(
+                    select(models.RecoveryRequest)
+                    .where(models.RecoveryRequest.state == "pending")
+                    .order_by(models.RecoveryRequest.requested_at)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                if row is None:
+                    break
+                self._resolve(db, row, now)
+            resolved += 1
+        with self._transaction() as db, db.begin():
+            # A bucket whose TAT has passed is full again, the same as no row.
+            db.execute(
+                delete(models.Throttle).where(models.Throttle.tat < self.clock().timestamp())
+            )
+        return resolved
+
+    def _resolve(self, db: DbSession, row: models.RecoveryRequest, now: datetime) -> None:
+        core = RequestCore(row.id)
+        request = REQUESTS.restore(row, core)
+        user = db.scalar(
+            select(models.User).where(models.User.email_key == row.address_key).with_for_update()
+        )
+        reason = None
+        if user is None:
+            reason = "no_account"
+        elif ACCOUNTS.restore(user, AccountCore(user.id)).request_recovery() is Verdict.REJECTED:
+            reason = "account_disabled"
+        else:
+            try:
+                self._throttle(db, "mail_account", str(user.id), self.limits.mail_per_account, now)
+            except RateLimited:
+                reason = "mail_limit"
+        if reason is not None or user is None:
+            request.drop(reason or "no_account")
+            REQUESTS.save(db, row, core, now)
+            event(log, "recovery request dropped", request_id=row.id, reason=reason)
+            return
+
+        # Supersede before arming the new flow, whose row has no user yet.
+        self._end_credentials(db, user.id, now, supersede=True)
+        if row.flow_id is None:
+            self._issue_link(db, user, now)
+        else:
+            self._arm_flow(db, user, row.flow_id, now)
+        request.issue()
+        REQUESTS.save(db, row, core, now)
+
+    def _issue_link(self, db: DbSession, user: models.User, now: datetime) -> None:
+        token = crypto.new_token()
+        ticket_id = uuid.uuid4().hex
+        core = TicketCore(ticket_id)
+        TICKETS.machine.create(core).issue(now, self.token_ttl)
+        db.add(
+            models.Ticket(
+                id=ticket_id,
+                user_id=user.id,
+                digest=self.keyring.digest(TICKET_PURPOSE, token),
+                created_at=now,
+                **TICKETS.initial_columns(core, now),
+            )
+        )
+        outbox.queue(
+            db,
+            self.keyring,
+            kind="recovery_link",
+            recipient=user.email,
+            user_id=user.id,
+            values={"ttl_minutes": int(self.token_ttl.total_seconds() // 60)},
+            secret=token,
+            now=now,
+        )
+        event(log, "ticket issued", user_id=user.id, ticket_id=ticket_id)
+
+    def _arm_flow(self, db: DbSession, user: models.User, flow_id: str, now: datetime) -> None:
+        """Bind the flow to the account and mail its code; the flow's state stays ``open``."""
+        flow = db.get(models.Flow, flow_id, with_for_update=True)
+        if flow is None:
+            raise LookupError(f"recovery flow {flow_id} of a pending request is missing")
+        code = f"{secrets.randbelow(10**8):08d}"
+        flow.user_id = user.id
+        flow.code_digest = self.keyring.digest(CODE_PURPOSE, code_subject(flow_id, code))
+        outbox.queue(
+            db,
+            self.keyring,
+            kind="recovery_code",
+            recipient=user.email,
+            user_id=user.id,
+            values={"ttl_minutes": int(self.code_ttl.total_seconds() // 60)},
+            secret=code,
+            now=now,
+        )
+        event(log, "code armed", user_id=user.id, flow_id=flow_id)
