@@ -112,10 +112,10 @@ def test_migrate_creates_database(tmp_path: Path) -> None:
     second = run_cli(tmp_path, "migrate")
 
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "database is up to date\n"
+    assert first.stdout == "database schema is at the newest revision (0001)\n"
     assert (tmp_path / "safereset.db").is_file()
     assert second.returncode == 0, second.stderr
-    assert second.stdout == "database is up to date\n"
+    assert second.stdout == "database schema is at the newest revision (0001)\n"
 
 
 def test_generated_key_file(tmp_path: Path) -> None:
@@ -240,7 +240,7 @@ def test_user_list_before_migrate(tmp_path: Path) -> None:
         pytest.param("path-is-folder", ["migrate"], id="path-is-folder"),
         pytest.param("not-a-url", ["migrate"], id="not-a-url"),
         pytest.param("unknown-dialect", ["migrate"], id="unknown-dialect"),
-        pytest.param("postgresql-closed-port", ["user", "list"], id="driver-not-installed"),
+        pytest.param("postgresql-closed-port", ["user", "list"], id="postgresql-closed-port"),
     ],
 )
 def test_database_unusable(tmp_path: Path, case: str, args: list[str]) -> None:
@@ -370,3 +370,25 @@ def test_serve_migrates_and_stops(tmp_path: Path, processes: list[subprocess.Pop
     assert exit_code is not None, "serve did not exit after SIGTERM"
     assert "Application shutdown complete" in stderr_path.read_text()
     assert exit_code == 0, stderr_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["diagram", "--format", "mermaid"], "name a machine for mermaid output"),
+        (["diagram", "ticket", "--format", "markdown-doc"], "markdown-doc covers every machine"),
+    ],
+)
+def test_diagram_usage_error(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_cli(tmp_path, *args)
+
+    assert result.returncode == 2
+    assert expected in result.stderr
+
+
+def test_diagram_tables_have_headings(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, "diagram")
+
+    assert result.returncode == 0
+    for name in ("ticket", "session", "account", "message"):
+        assert f"## {name}\n" in result.stdout

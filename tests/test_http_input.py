@@ -568,3 +568,21 @@ def test_login_failures_alike(runtime: Runtime, client: TestClient, email: str) 
     assert response.status_code == 401
     assert response.content == wrong_password.content
     assert response.headers["www-authenticate"] == wrong_password.headers["www-authenticate"]
+
+
+def test_login_empty_password_alike(runtime: Runtime, client: TestClient) -> None:
+    runtime.service.add_user(ALICE, OLD_PASSWORD)
+    wrong_password = client.post("/api/sessions", json={"email": ALICE, "password": NEW_PASSWORD})
+
+    response = client.post("/api/sessions", json={"email": ALICE, "password": ""})
+
+    assert response.status_code == 401
+    assert response.content == wrong_password.content
+
+
+def test_form_body_on_json_route(client: TestClient) -> None:
+    response = client.post("/api/recovery", data={"email": ALICE})
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "body"
+    assert "application/json" in response.json()["message"]

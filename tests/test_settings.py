@@ -112,6 +112,10 @@ def test_mail_url_accepted(monkeypatch: pytest.MonkeyPatch, mail_url: str) -> No
         ("SAFERESET_SECRET_KEY", "k" * 31),
         ("SAFERESET_SECRET_KEY", "short"),
         ("SAFERESET_LOG_FORMAT", "xml"),
+        ("SAFERESET_PUBLIC_URL", "https://reset.example.test/base"),
+        ("SAFERESET_MAIL_FROM", "garbage"),
+        ("SAFERESET_MAIL_FROM", "safereset <@example.test>"),
+        ("SAFERESET_MAIL_LEASE_SECONDS", "30"),
     ],
 )
 def test_invalid_value_names_variable(
@@ -207,3 +211,9 @@ def test_key_file_too_short(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
     assert SECRET_KEY_FILE in str(raised.value)
     assert "SAFERESET_SECRET_KEY" in str(raised.value)
+
+
+def test_log_level_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAFERESET_LOG_LEVEL", "debug")
+
+    assert load_settings().log_level == "DEBUG"

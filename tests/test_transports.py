@@ -332,3 +332,12 @@ def test_compose_unknown_kind() -> None:
             date=datetime(2026, 1, 15, 12, 0, tzinfo=UTC),
             values={},
         )
+
+
+def test_eml_file_has_link_in_raw_text(tmp_path: Path) -> None:
+    """The README greps the token out of the raw .eml file; that must work."""
+    asyncio.run(FolderTransport(tmp_path).send(recovery_mail()))
+
+    raw = (tmp_path / "0123abcd@reset.example.test.eml").read_text(encoding="ascii")
+
+    assert f"token={TOKEN}" in raw

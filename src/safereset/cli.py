@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -16,7 +18,7 @@ from safereset.errors import UserExists, UserNotFound
 from safereset.machines import MACHINES
 from safereset.passwords import PasswordRejected
 from safereset.runtime import Runtime, build
-from safereset.settings import SettingsError, load_settings
+from safereset.settings import Settings, SettingsError, load_settings
 from safereset.store.db import DatabaseError, check_schema, migrate
 
 # Errors an operator can fix; each becomes one line on standard error and exit 1.
@@ -66,6 +68,7 @@ def serve(host: str, port: int, no_worker: bool) -> None:
 
     runtime = _runtime(migrate_first=True)
     app = create_app(runtime, run_worker=False if no_worker else None)
+    _warn_if_links_point_elsewhere(runtime.settings, host, port)
     # Uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the
     # signal again under the handler that was installed before it started.
     # These no-op handlers make that a clean exit with status 0.
@@ -80,6 +83,21 @@ def serve(host: str, port: int, no_worker: bool) -> None:
         proxy_headers=False,
         server_header=False,
     )
+
+
+def _warn_if_links_point_elsewhere(settings: Settings, host: str, port: int) -> None:
+    """Warn when the default public URL names another port than the one served."""
+    if "public_url" in settings.model_fields_set:
+        return
+    public = urlsplit(settings.public_url)
+    if public.port != port:
+        logging.getLogger("safereset.cli").warning(
+            "links in mail start with %s, but this server listens on %s:%s; "
+            "set SAFERESET_PUBLIC_URL to the address people reach it at",
+            settings.public_url,
+            host,
+            port,
+        )
 
 
 @cli.command()
@@ -108,8 +126,8 @@ def migrate_command() -> None:
     settings = load_settings()
     logs.configure(settings.log_format, settings.log_level)
     runtime = build(settings)
-    migrate(runtime.service.engine)
-    click.echo("database is up to date")
+    revision = migrate(runtime.service.engine)
+    click.echo(f"database schema is at the newest revision ({revision})")
 
 
 @cli.group()
@@ -153,11 +171,18 @@ def outbox_retry(message_id: str) -> None:
     "markdown-doc: the whole of docs/machines.md.",
 )
 def diagram(machine: str | None, fmt: str) -> None:
-    """Print the transition table or diagram of one machine, or of all."""
+    """Print the transition table of one machine or of all, or one machine's diagram."""
     if fmt == "markdown-doc":
+        if machine:
+            raise click.UsageError("markdown-doc covers every machine; name none")
         click.echo(document(), nl=False)
-        return
-    click.echo(render([machine] if machine else list(MACHINES), fmt), nl=False)
+    elif machine:
+        click.echo(render([machine], fmt), nl=False)
+    elif fmt == "table":
+        for name in MACHINES:
+            click.echo(f"## {name}\n\n{render([name], fmt)}")
+    else:
+        raise click.UsageError(f"name a machine for {fmt} output: {', '.join(MACHINES)}")
 
 
 @cli.group()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from email.utils import parseaddr
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -81,7 +82,26 @@ class Settings(BaseSettings):
             raise ValueError("must be an absolute http:// or https:// URL")
         if parts.query or parts.fragment:
             raise ValueError("must not contain a query or a fragment")
+        if parts.path not in ("", "/"):
+            # The pages, cookies and redirects use root paths.
+            raise ValueError("must not contain a path; serve safereset at the root of its host")
         return value.rstrip("/")
+
+    @field_validator("mail_from")
+    @classmethod
+    def _check_mail_from(cls, value: str) -> str:
+        # Only the shape is checked: sender domains such as "localhost" are
+        # legitimate here although no public mail system would accept them.
+        _display_name, address = parseaddr(value)
+        local, _, domain = address.rpartition("@")
+        if not local or not domain or any(char.isspace() for char in address):
+            raise ValueError("must be an address such as 'safereset <no-reply@example.com>'")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("secret_key")
     @classmethod

@@ -45,6 +45,14 @@ def compose(
     message["Message-ID"] = message_id
     # Tell auto-responders and list software to leave a one-time link alone.
     message["Auto-Submitted"] = "auto-generated"
-    message.set_content(_templates.get_template(f"{kind}.txt").render(values))
-    message.add_alternative(_templates.get_template(f"{kind}.html").render(values), subtype="html")
+    text = _templates.get_template(f"{kind}.txt").render(values)
+    html = _templates.get_template(f"{kind}.html").render(values)
+    message.set_content(text, cte=_transfer_encoding(text))
+    message.add_alternative(html, subtype="html", cte=_transfer_encoding(html))
     return message
+
+
+def _transfer_encoding(body: str) -> str:
+    # ASCII bodies go as 7bit, so the link stays whole on one line in .eml files
+    # and in raw mail; quoted-printable would escape "=" and break long lines.
+    return "7bit" if body.isascii() else "quoted-printable"

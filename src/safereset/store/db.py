@@ -21,6 +21,11 @@ class DatabaseError(Exception):
     """The database cannot be used: unreachable, invalid URL, or schema behind."""
 
 
+def _one_line(error: object) -> str:
+    """Fold a driver's multi-line message (psycopg adds hint lines) into one line."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 # How long a connection attempt to PostgreSQL may take before start-up or a
 # request gives up with a clear error instead of hanging.
 CONNECT_TIMEOUT_SECONDS = 5
@@ -57,7 +62,7 @@ def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
         engine = create_engine(parsed, connect_args={"timeout": 30})
     except ArgumentError as error:
         # NoSuchModuleError, an unknown dialect, is an ArgumentError too.
-        raise DatabaseError(f"SAFERESET_DATABASE_URL is not usable: {error}") from None
+        raise DatabaseError(f"SAFERESET_DATABASE_URL is not usable: {_one_line(error)}") from None
     except ImportError as error:
         raise DatabaseError(
             f"the database driver for SAFERESET_DATABASE_URL is not installed: {error}"
@@ -94,12 +99,19 @@ def _alembic_config(engine: Engine) -> Config:
     return config
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest revision; safe to run from several instances at once."""
+def migrate(engine: Engine) -> str:
+    """Bring the schema to the newest revision and return it.
+
+    Safe to run from several instances at once.
+    """
+    config = _alembic_config(engine)
     try:
-        command.upgrade(_alembic_config(engine), "head")
+        command.upgrade(config, "head")
     except OperationalError as error:
-        raise DatabaseError(f"cannot migrate the database: {error.orig}") from None
+        raise DatabaseError(f"cannot migrate the database: {_one_line(error.orig)}") from None
+    head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None  # the package ships its migrations
+    return head
 
 
 def check_schema(engine: Engine) -> None:
@@ -109,7 +121,7 @@ def check_schema(engine: Engine) -> None:
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
     except OperationalError as error:
-        raise DatabaseError(f"cannot connect to the database: {error.orig}") from None
+        raise DatabaseError(f"cannot connect to the database: {_one_line(error.orig)}") from None
     if current != head:
         raise DatabaseError(
             f"database schema is at revision {current or 'none'}, expected {head}: "

@@ -56,7 +56,8 @@ class PasswordChanged(BaseModel):
 
 class Credentials(Strict):
     email: str = Field(min_length=1, max_length=EMAIL_MAX)
-    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
+    # No lower bound: an empty password is a wrong password, with the same 401.
+    password: str = Field(max_length=PASSWORD_MAX)
 
 
 class SessionCreated(BaseModel):

@@ -67,7 +67,9 @@ def _validation(request: Request, error: Exception) -> JSONResponse:
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "header")]
     field = ".".join(location) or "body"
     kind = first.get("type", "")
-    if kind == "extra_forbidden":
+    if field == "body" and kind in ("model_attributes_type", "dict_type"):
+        message = "request body must be a JSON object sent as application/json"
+    elif kind == "extra_forbidden":
         message = "unknown field"
     elif kind == "missing":
         message = "field is required"
