@@ -112,10 +112,10 @@ def test_migrate_creates_database(tmp_path: Path) -> None:
     second = run_cli(tmp_path, "migrate")
 
     assert first.returncode == 0, first.stderr
-    assert first.stdout == "database schema is at the newest revision (0001)\n"
+    assert first.stdout == "database schema is at the newest revision (0002)\n"
     assert (tmp_path / "safereset.db").is_file()
     assert second.returncode == 0, second.stderr
-    assert second.stdout == "database schema is at the newest revision (0001)\n"
+    assert second.stdout == "database schema is at the newest revision (0002)\n"
 
 
 def test_generated_key_file(tmp_path: Path) -> None:

@@ -286,6 +286,7 @@ def smtp_worker(runtime: Runtime, mailbox: Mailbox) -> Worker:
         sender=runtime.settings.mail_from,
         public_url=runtime.settings.public_url,
         name="restarted-worker",
+        before_delivery=runtime.service.process_recovery_requests,
     )
 
 
@@ -293,6 +294,7 @@ def abandon_lease(runtime: Runtime) -> LeasedMail:
     """Queue a recovery mail and lease it to a worker that never reports back."""
     runtime.service.add_user(EMAIL, OLD_PASSWORD)
     runtime.service.request_recovery(EMAIL)
+    runtime.service.process_recovery_requests()
     leased = runtime.outbox.lease_next("dead-worker")
     assert leased is not None
     return leased

@@ -257,6 +257,7 @@ def test_forgot_post_with_csrf(runtime: Runtime, client: TestClient) -> None:
     own = csrf_of(client.get("/forgot").text)
 
     response = client.post("/forgot", data={"csrf": own, "email": ALICE})
+    runtime.service.process_recovery_requests()
 
     assert response.status_code == 200
     assert len(outbox_messages(runtime)) == 1

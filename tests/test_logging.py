@@ -113,8 +113,12 @@ def test_state_changes_carry_ids(
     stream = configure_logs(log_format)
 
     request_id = request_recovery(client)
+    runtime.service.process_recovery_requests()
 
     records = parse_records(stream.getvalue(), log_format)
+    requested = find(records, "recovery requested")
+    assert requested["request_id"] == request_id
+    assert "user_id" not in requested
     ticket = find(records, "ticket issued")
     assert ticket["request_id"] == request_id
     assert ticket["user_id"] == str(user_id)
@@ -237,8 +241,10 @@ def test_json_line_fields(client: TestClient, runtime: Runtime, configure_logs: 
 
     request_recovery(client)
 
+    runtime.service.process_recovery_requests()
+
     lines = stream.getvalue().splitlines()
-    assert len(lines) >= 3  # mail queued, ticket issued, the request line
+    assert len(lines) >= 4  # recovery requested, the request line, ticket issued, mail queued
     for line in lines:
         entry = json.loads(line)
         assert isinstance(entry, dict)

@@ -26,12 +26,17 @@ from safereset.machines import (
     MachineDefinition,
     Verdict,
     account,
+    flow,
     outbox,
+    request,
     session,
     ticket,
 )
 from safereset.machines._base import HasJournal
 from safereset.machines.account import AccountCore, Standing
+from safereset.machines.flow import ATTEMPTS, FlowCore
+from safereset.machines.flow import Ended as FlowEnded
+from safereset.machines.flow import Open as FlowOpen
 from safereset.machines.outbox import (
     Dead,
     Leased,
@@ -41,6 +46,9 @@ from safereset.machines.outbox import (
     RetryPolicy,
     Sent,
 )
+from safereset.machines.request import Dropped, RequestCore
+from safereset.machines.request import Issued as RequestIssued
+from safereset.machines.request import Pending as RequestPending
 from safereset.machines.session import Active, SessionCore
 from safereset.machines.session import Ended as SessionEnded
 from safereset.machines.ticket import Ended as TicketEnded
@@ -208,6 +216,65 @@ def message_decisions() -> dict[tuple[str, str], list[Case]]:
     return table
 
 
+def flow_decisions() -> dict[tuple[str, str], list[Case]]:
+    arguments: dict[str, tuple[Any, ...]] = {
+        "open": (T0, TTL),
+        "present": (T0, False),
+        "complete": (),
+        "supersede": (),
+        "revoke": (),
+        "_verify": (),
+        "_lapse": (),
+        "_lock": (),
+    }
+    ended = ("completed", "expired", "locked", "superseded", "revoked")
+    table: dict[tuple[str, str], list[Case]] = {
+        (state, name): [Refused(args)]
+        for state in ("new", "open", "verified", *ended)
+        for name, args in arguments.items()
+    }
+    table["new", "open"] = [Moves((T0, TTL), ("open",))]
+    # The open sample has 2 attempts left and expires at LATER.
+    table["open", "present"] = [
+        Moves((T0, True), ("verified",), ACCEPTED),
+        Moves((T0, False), ("open",), REJECTED),
+        Moves((LATER, True), ("expired",), REJECTED),
+    ]
+    table["open", "supersede"] = [Moves((), ("superseded",))]
+    table["open", "revoke"] = [Moves((), ("revoked",))]
+    table["open", "_verify"] = [Moves((), ("verified",))]
+    table["open", "_lapse"] = [Moves((), ("expired",))]
+    table["open", "_lock"] = [Moves((), ("locked",))]
+    table["verified", "complete"] = [Moves((), ("completed",))]
+    for state in ended:
+        table[state, "present"] = [stays((T0, True), REJECTED)]
+        table[state, "supersede"] = [stays(())]
+        table[state, "revoke"] = [stays(())]
+    return table
+
+
+def request_decisions() -> dict[tuple[str, str], list[Case]]:
+    arguments: dict[str, tuple[Any, ...]] = {"record": (), "issue": (), "drop": ("no_account",)}
+    table: dict[tuple[str, str], list[Case]] = {
+        (state, name): [Refused(args)]
+        for state in ("new", "pending", "issued", "dropped")
+        for name, args in arguments.items()
+    }
+    table["new", "record"] = [Moves((), ("pending",))]
+    table["pending", "issue"] = [Moves((), ("issued",))]
+    table["pending", "drop"] = [Moves(("no_account",), ("dropped",))]
+    return table
+
+
+class FlowSamples(dict[str, object]):
+    """Sample data of each flow state, made fresh on every lookup."""
+
+    def __getitem__(self, state: str) -> object:
+        if state == "open":
+            return FlowOpen(LATER, 2)
+        return FlowEnded()
+
+
 SPECS: dict[str, Spec] = {
     "ticket": Spec(
         core=lambda: TicketCore("t1"),
@@ -216,6 +283,21 @@ SPECS: dict[str, Spec] = {
             **{state: TicketEnded() for state in ("redeemed", "expired", "superseded", "revoked")},
         },
         decisions=ticket_decisions(),
+    ),
+    "flow": Spec(
+        core=lambda: FlowCore("f1"),
+        # A factory, not one object: the open state's data is changed in place.
+        data=FlowSamples(),
+        decisions=flow_decisions(),
+    ),
+    "request": Spec(
+        core=lambda: RequestCore("r1"),
+        data={
+            "pending": RequestPending(),
+            "issued": RequestIssued(),
+            "dropped": Dropped("no_account"),
+        },
+        decisions=request_decisions(),
     ),
     "session": Spec(
         core=lambda: SessionCore("s1"),
@@ -314,7 +396,14 @@ def build_without(module: ModuleType, skipped: int) -> MachineDefinition[Any, An
         return module._build()  # type: ignore[no-any-return]
 
 
-MACHINE_MODULES = {"ticket": ticket, "session": session, "account": account, "message": outbox}
+MACHINE_MODULES = {
+    "ticket": ticket,
+    "flow": flow,
+    "request": request,
+    "session": session,
+    "account": account,
+    "message": outbox,
+}
 
 
 @pytest.mark.parametrize("machine_name", sorted(MACHINE_MODULES))
@@ -419,3 +508,21 @@ def test_ticket_rejects_non_positive_ttl() -> None:
 def test_restore_unknown_state() -> None:
     with pytest.raises(ValueError, match="no state 'bogus'"):
         MACHINES["ticket"].restore(TicketCore("t1"), "bogus", TicketEnded())
+
+
+def test_wrong_codes_lock_after_budget() -> None:
+    """Each wrong code spends one attempt; the last one locks the flow for good."""
+    core = FlowCore("f1")
+    instance = MACHINES["flow"].create(core)
+    instance.open(T0, TTL)
+    left = [core.journal.last.data.attempts_left]
+
+    for _ in range(ATTEMPTS - 1):
+        assert instance.present(T0, False) is REJECTED
+        left.append(core.journal.last.data.attempts_left)
+
+    assert left == [5, 4, 3, 2, 1]
+    assert instance.present(T0, False) is REJECTED
+    assert core.journal.last.state == "locked"
+    assert instance.present(T0, True) is REJECTED
+    assert core.journal.last.state == "locked"

@@ -83,7 +83,11 @@ class RecoveryModel(RuleBasedStateMachine):
         self.service = self.runtime.service
         self.inbox = Inbox()
         self.worker = Worker(
-            self.runtime.outbox, self.inbox, sender="s@example.test", public_url="https://x.test"
+            self.runtime.outbox,
+            self.inbox,
+            sender="s@example.test",
+            public_url="https://x.test",
+            before_delivery=self.service.process_recovery_requests,
         )
         self.users: dict[str, ModelUser] = {}
         self.secrets: set[str] = set()

@@ -49,6 +49,7 @@ def deliver(runtime: Runtime, mailbox: Mailbox) -> int:
         SmtpTransport(mailbox.url),
         sender=SENDER,
         public_url=runtime.settings.public_url,
+        before_delivery=runtime.service.process_recovery_requests,
     )
     return asyncio.run(worker.deliver_due())
 
@@ -329,7 +330,10 @@ def test_reset_revokes_sessions_and_tickets(runtime: Runtime, smtp_server: Mailb
     # requests. The service's own helper creates the second one directly.
     extra_token = crypto.new_token()
     with DbSession(service.engine) as db, db.begin():
-        service._issue_ticket(db, alice, extra_token, service.clock())
+        user = db.get(models.User, alice)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(crypto, "new_token", lambda: extra_token)
+            service._issue_link(db, user, service.clock())
 
     service.complete_recovery(token, NEW_PASSWORD)
 
@@ -510,6 +514,7 @@ def test_database_contains_no_secrets(
     issued = record_tokens(monkeypatch)
     service.add_user(ALICE, OLD_PASSWORD)
     service.request_recovery(ALICE)
+    service.process_recovery_requests()
     [queued_token] = issued
 
     assert_not_stored(runtime, {"queued recovery token": queued_token, "password": OLD_PASSWORD})
@@ -536,6 +541,7 @@ def test_database_contains_no_secrets(
 def test_outbox_secret_erased_after_delivery(runtime: Runtime, smtp_server: Mailbox) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
     runtime.service.request_recovery(ALICE)
+    runtime.service.process_recovery_requests()
 
     [queued] = outbox_messages(runtime)
     assert queued.sealed_secret is not None

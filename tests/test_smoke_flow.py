@@ -20,6 +20,7 @@ def deliver(runtime: Runtime, mailbox: Mailbox) -> int:
         SmtpTransport(mailbox.url),
         sender="safereset <no-reply@example.test>",
         public_url=runtime.settings.public_url,
+        before_delivery=runtime.service.process_recovery_requests,
     )
     return asyncio.run(worker.deliver_due())
 

@@ -29,6 +29,7 @@ class Runtime:
             sender=self.settings.mail_from,
             public_url=self.settings.public_url,
             poll_seconds=self.settings.worker_poll_seconds,
+            before_delivery=self.service.process_recovery_requests,
         )
 
 
@@ -52,7 +53,10 @@ def build(
         public_url=settings.public_url,
         token_ttl=timedelta(seconds=settings.token_ttl_seconds),
         session_ttl=timedelta(seconds=settings.session_ttl_seconds),
+        code_ttl=timedelta(seconds=settings.code_ttl_seconds),
+        limits=settings.limits,
         hasher=hasher,
+        hashing_slots=settings.max_concurrent_hashes or None,
         clock=clock,
     )
     lease = timedelta(seconds=settings.mail_lease_seconds)

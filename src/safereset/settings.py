@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from email.utils import parseaddr
@@ -11,6 +12,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from safereset.throttle import Limits, Rate
 
 SECRET_KEY_FILE = "secret.key"  # noqa: S105  # a file name, not a secret
 # 32 bytes (256 bits) matches the strength of HMAC-SHA-256.
@@ -59,6 +62,20 @@ class Settings(BaseSettings):
     smtp_timeout_seconds: float = Field(
         default=30.0, gt=0, le=600, description="Timeout of one SMTP delivery attempt."
     )
+    code_ttl_seconds: int = Field(default=600, ge=60, le=3600)
+    max_concurrent_hashes: int = Field(
+        default=0, ge=0, le=1024, description="Argon2id computations at once; 0: one per core."
+    )
+    trusted_proxies: str = Field(
+        default="",
+        description="Comma-separated addresses or networks whose X-Forwarded-For is believed.",
+    )
+    limit_recovery_per_client: str = "10/15m"
+    limit_recovery_per_address: str = "5/1h"
+    limit_completion_per_client: str = "20/15m"
+    limit_login_per_account: str = "10/15m"
+    limit_login_per_client: str = "50/15m"
+    limit_mail_per_account: str = "10/1d"
     db_pool_size: int = Field(default=5, ge=1, le=100)
     db_max_overflow: int = Field(default=10, ge=0, le=100)
     db_pool_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
@@ -97,6 +114,45 @@ class Settings(BaseSettings):
         if not local or not domain or any(char.isspace() for char in address):
             raise ValueError("must be an address such as 'safereset <no-reply@example.com>'")
         return value
+
+    @field_validator(
+        "limit_recovery_per_client",
+        "limit_recovery_per_address",
+        "limit_completion_per_client",
+        "limit_login_per_account",
+        "limit_login_per_client",
+        "limit_mail_per_account",
+    )
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        Rate.parse(value)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: str) -> str:
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+    @property
+    def proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        parts = (part.strip() for part in self.trusted_proxies.split(","))
+        return tuple(ipaddress.ip_network(part, strict=False) for part in parts if part)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            recovery_per_client=Rate.parse(self.limit_recovery_per_client),
+            recovery_per_address=Rate.parse(self.limit_recovery_per_address),
+            completion_per_client=Rate.parse(self.limit_completion_per_client),
+            login_per_account=Rate.parse(self.limit_login_per_account),
+            login_per_client=Rate.parse(self.limit_login_per_client),
+            mail_per_account=Rate.parse(self.limit_mail_per_account),
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod

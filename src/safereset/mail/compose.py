@@ -11,6 +11,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 SUBJECTS = {
     "recovery_link": "Reset your password",
+    "recovery_code": "Your password reset code",
     "password_changed": "Your password was changed",
 }
 

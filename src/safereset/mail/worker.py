@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from safereset.crypto import SealError
@@ -35,6 +36,7 @@ class Worker:
         public_url: str,
         poll_seconds: float = 1.0,
         name: str | None = None,
+        before_delivery: Callable[[], int] | None = None,
     ) -> None:
         self.outbox = outbox
         self.transport = transport
@@ -42,6 +44,8 @@ class Worker:
         self.public_url = public_url
         self.poll_seconds = poll_seconds
         self.name = name or worker_name()
+        # Work that queues mail, run first in each round: resolving recovery requests.
+        self.before_delivery = before_delivery
         # Stable per outbox message, so a redelivery carries the same Message-ID.
         self.message_id_domain = urlsplit(public_url).hostname or "safereset"
 
@@ -63,6 +67,8 @@ class Worker:
 
     async def deliver_due(self) -> int:
         """Deliver every message that is due now; return how many were sent."""
+        if self.before_delivery is not None:
+            await asyncio.to_thread(self.before_delivery)
         sent = 0
         while True:
             mail = await asyncio.to_thread(self.outbox.lease_next, self.name)
@@ -93,9 +99,11 @@ class Worker:
 
     def _values(self, mail: LeasedMail) -> dict[str, object]:
         values = dict(mail.values)
+        if mail.kind in ("recovery_link", "recovery_code") and mail.secret is None:
+            raise ValueError(f"{mail.kind} mail has no sealed secret")
         if mail.kind == "recovery_link":
-            if mail.secret is None:
-                raise ValueError("recovery mail has no sealed token")
             # The link starts with the configured public URL, never a request's Host.
             values["link"] = f"{self.public_url}/recover?token={mail.secret}"
+        elif mail.kind == "recovery_code":
+            values["code"] = mail.secret
         return values

@@ -130,6 +130,8 @@ class RecoveryRequest(Base):
     flow_id: Mapped[str | None] = mapped_column(String(32))
     # Keyed digest of the client address, for the audit trail.
     client_digest: Mapped[str] = mapped_column(String(64))
+    # The HTTP request id, so the worker's log lines carry it too.
+    trace_id: Mapped[str | None] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16))
     version: Mapped[int] = mapped_column(Integer, default=1)
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime)

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as DbSession
 
-from safereset import crypto
+from safereset import crypto, logs
 from safereset.addresses import parse_address
 from safereset.logs import event
 from safereset.machines._base import Verdict
@@ -73,6 +73,7 @@ class Intake(ServiceBase):
                     method=method,
                     flow_id=flow_id,
                     client_digest=self.keyring.digest(CLIENT_PURPOSE, client),
+                    trace_id=logs.request_id.get(),
                     requested_at=now,
                     **REQUESTS.initial_columns(core, now),
                 )
@@ -89,7 +90,7 @@ class Intake(ServiceBase):
                         **FLOWS.initial_columns(flow_core, now),
                     )
                 )
-        event(log, "recovery requested", request_id=request_id, method=method, flow_id=flow_id)
+        event(log, "recovery requested", recovery_id=request_id, method=method, flow_id=flow_id)
         return flow_id
 
     def process_recovery_requests(self) -> int:
@@ -111,7 +112,12 @@ class Intake(ServiceBase):
                 )
                 if row is None:
                     break
-                self._resolve(db, row, now)
+                # Log the worker's state changes under the HTTP request's id.
+                trace = logs.request_id.set(row.trace_id)
+                try:
+                    self._resolve(db, row, now)
+                finally:
+                    logs.request_id.reset(trace)
             resolved += 1
         with self._transaction() as db, db.begin():
             # A bucket whose TAT has passed is full again, the same as no row.
@@ -139,7 +145,7 @@ class Intake(ServiceBase):
         if reason is not None or user is None:
             request.drop(reason or "no_account")
             REQUESTS.save(db, row, core, now)
-            event(log, "recovery request dropped", request_id=row.id, reason=reason)
+            event(log, "recovery request dropped", recovery_id=row.id, reason=reason)
             return
 
         # Supersede before arming the new flow, whose row has no user yet.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from safereset.errors import InvalidSession
@@ -17,6 +17,8 @@ router = APIRouter(prefix="/api")
 EMAIL_MAX = 320
 PASSWORD_MAX = 4096
 TOKEN_MAX = 128
+CODE_MAX = 32
+FLOW_MAX = 64
 
 RECOVERY_ACCEPTED = (
     "If an account exists for this address, a recovery link is on its way to the "
@@ -32,17 +34,37 @@ def service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(service)]
 
 
+def client_address(request: Request) -> str:
+    """The address that rate limits count against, set by the HTTP middleware."""
+    address: str = request.state.client_address
+    return address
+
+
+ClientDep = Annotated[str, Depends(client_address)]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecoveryRequest(Strict):
     email: str = Field(min_length=1, max_length=EMAIL_MAX)
+    method: Literal["link", "code"] = "link"
 
 
 class RecoveryAccepted(BaseModel):
     status: str = "accepted"
     message: str = RECOVERY_ACCEPTED
+    flow: str | None = Field(
+        default=None,
+        description="With the code method: the flow to complete with the mailed code. "
+        "Every address gets one, with or without an account.",
+    )
+
+
+class CodeCompletion(Strict):
+    code: str = Field(min_length=1, max_length=CODE_MAX)
+    password: str = Field(min_length=1, max_length=PASSWORD_MAX)
 
 
 class RecoveryCompletion(Strict):
@@ -80,29 +102,49 @@ class ErrorBody(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody},
     413: {"model": ErrorBody},
+    429: {"model": ErrorBody},
     422: {"model": ErrorBody},
     503: {"model": ErrorBody},
 }
 
 
-@router.post("/recovery", status_code=202, responses=ERROR_RESPONSES)
-def request_recovery(body: RecoveryRequest, svc: ServiceDep) -> RecoveryAccepted:
-    """Mail a one-time recovery link; the response is the same for every valid address."""
-    svc.request_recovery(body.email)
-    return RecoveryAccepted()
+@router.post(
+    "/recovery", status_code=202, responses=ERROR_RESPONSES, response_model_exclude_none=True
+)
+def request_recovery(body: RecoveryRequest, svc: ServiceDep, client: ClientDep) -> RecoveryAccepted:
+    """Mail a one-time link, or with ``method: code`` an 8-digit code.
+
+    The response is the same for every valid address, known or not.
+    """
+    flow = svc.request_recovery(body.email, client, body.method)
+    return RecoveryAccepted(flow=flow)
 
 
 @router.post("/recovery/complete", responses=ERROR_RESPONSES)
-def complete_recovery(body: RecoveryCompletion, svc: ServiceDep) -> PasswordChanged:
+def complete_recovery(
+    body: RecoveryCompletion, svc: ServiceDep, client: ClientDep
+) -> PasswordChanged:
     """Set a new password with the token from a recovery link. Does not log in."""
-    svc.complete_recovery(body.token, body.password)
+    svc.complete_recovery(body.token, body.password, client)
+    return PasswordChanged()
+
+
+@router.post("/recovery/flows/{flow}/complete", responses=ERROR_RESPONSES)
+def complete_code_recovery(
+    flow: Annotated[str, Path(max_length=FLOW_MAX)],
+    body: CodeCompletion,
+    svc: ServiceDep,
+    client: ClientDep,
+) -> PasswordChanged:
+    """Set a new password with the code mailed for a flow. Five wrong codes lock the flow."""
+    svc.complete_code_recovery(flow, body.code, body.password, client)
     return PasswordChanged()
 
 
 @router.post("/sessions", status_code=201, responses={401: {"model": ErrorBody}, **ERROR_RESPONSES})
-def log_in(body: Credentials, svc: ServiceDep) -> SessionCreated:
+def log_in(body: Credentials, svc: ServiceDep, client: ClientDep) -> SessionCreated:
     """Log in with email address and password; the token goes in ``Authorization: Bearer``."""
-    token = svc.log_in(body.email, body.password)
+    token = svc.log_in(body.email, body.password, client)
     return SessionCreated(token=token, expires_in=int(svc.session_ttl.total_seconds()))
 
 

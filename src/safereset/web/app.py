@@ -66,5 +66,9 @@ def create_app(runtime: Runtime, *, run_worker: bool | None = None) -> FastAPI:
             return JSONResponse({"status": "unavailable"}, 503)
         return JSONResponse({"status": "ok"})
 
-    app.add_middleware(HttpMiddleware, https=app.state.https)
+    app.add_middleware(
+        HttpMiddleware,
+        https=app.state.https,
+        trusted_proxies=runtime.settings.proxy_networks,
+    )
     return app

@@ -18,20 +18,25 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safereset.addresses import InvalidAddress
-from safereset.errors import InvalidCredentials, InvalidSession, InvalidToken
-from safereset.passwords import PasswordRejected
+from safereset.errors import InvalidCode, InvalidCredentials, InvalidSession, InvalidToken
+from safereset.passwords import HashingBusy, PasswordRejected
 from safereset.store.records import StaleRecord
+from safereset.throttle import RateLimited
 
 log = logging.getLogger("safereset.http")
 
 # exception type -> (status, error code, message or None to use str(error), field)
 ERRORS: dict[type[Exception], tuple[int, str, str | None, str | None]] = {
     InvalidToken: (400, "invalid_or_expired_token", "the link is invalid, used or expired", None),
+    InvalidCode: (400, "invalid_or_expired_code", "the code is wrong, used or expired", None),
     InvalidCredentials: (401, "invalid_credentials", "email address or password is wrong", None),
     InvalidSession: (401, "invalid_session", "session token is missing, expired or revoked", None),
     InvalidAddress: (422, "invalid_email", None, "email"),
     PasswordRejected: (422, "password_rejected", None, "password"),
     StaleRecord: (409, "conflict", "another request changed the same record; try again", None),
+    # One body for every scope, so a caller cannot tell which limit it hit.
+    RateLimited: (429, "rate_limited", "too many requests; try again later", None),
+    HashingBusy: (503, "busy", "the server is busy; try again shortly", None),
     # A lost or refused connection, or a pool with no free connection.
     OperationalError: (503, "unavailable", "the database is unavailable; try again later", None),
     InterfaceError: (503, "unavailable", "the database is unavailable; try again later", None),
@@ -46,16 +51,24 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, s
     return body
 
 
+def _headers(error: Exception, status: int) -> dict[str, str] | None:
+    if isinstance(error, RateLimited):
+        return {"Retry-After": str(error.retry_after)}
+    if isinstance(error, HashingBusy):
+        return {"Retry-After": "1"}
+    if status == 503:
+        return {"Retry-After": "5"}
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    return None
+
+
 def to_response(error: Exception) -> JSONResponse:
     """Map a known exception to its JSON response."""
     for kind, (status, code, message, field) in ERRORS.items():
         if isinstance(error, kind):
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            if status == 503:
-                headers = {"Retry-After": "5"}
-            return JSONResponse(
-                error_body(code, message or str(error), field), status, headers=headers
-            )
+            body = error_body(code, message or str(error), field)
+            return JSONResponse(body, status, headers=_headers(error, status))
     raise error
 
 

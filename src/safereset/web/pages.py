@@ -21,9 +21,18 @@ from fastapi.templating import Jinja2Templates
 
 from safereset.addresses import InvalidAddress
 from safereset.crypto import is_well_formed
-from safereset.errors import InvalidToken
-from safereset.passwords import PasswordRejected
-from safereset.web.api import EMAIL_MAX, PASSWORD_MAX, ServiceDep
+from safereset.errors import InvalidCode, InvalidToken
+from safereset.passwords import HashingBusy, PasswordRejected
+from safereset.throttle import RateLimited
+from safereset.web.api import (
+    CODE_MAX,
+    EMAIL_MAX,
+    FLOW_MAX,
+    PASSWORD_MAX,
+    ClientDep,
+    ServiceDep,
+)
+from safereset.web.errors import to_response
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
@@ -88,15 +97,23 @@ def forgot_form(request: Request) -> HTMLResponse:
 def forgot_submit(
     request: Request,
     svc: ServiceDep,
+    client: ClientDep,
     csrf: CsrfField = "",
     email: Annotated[str, Form(max_length=EMAIL_MAX)] = "",
-) -> HTMLResponse:
+    method: Annotated[str, Form(max_length=8)] = "link",
+) -> Response:
     if not _csrf_valid(request, csrf):
         return _csrf_failed(request)
+    if method not in ("link", "code"):
+        return _render(request, "forgot.html", 422, error="Choose a link or a code.", email=email)
     try:
-        svc.request_recovery(email)
+        flow = svc.request_recovery(email, client, method)
     except InvalidAddress as error:
         return _render(request, "forgot.html", 422, error=str(error), email=email)
+    except (RateLimited, HashingBusy) as error:
+        return _too_busy(request, error)
+    if flow is not None:
+        return RedirectResponse(f"/recover/code?flow={flow}", status_code=303)
     return _render(
         request,
         "message.html",
@@ -106,6 +123,22 @@ def forgot_submit(
             "stored for it. The link works once and expires soon."
         ),
     )
+
+
+def _too_busy(request: Request, error: RateLimited | HashingBusy) -> HTMLResponse:
+    """Render the rate-limit or busy page with the status and Retry-After of the API."""
+    api = to_response(error)
+    response = _render(
+        request,
+        "message.html",
+        api.status_code,
+        title="Too many attempts" if isinstance(error, RateLimited) else "Busy",
+        text="Too many requests came from here or for this account. Wait a while and try again."
+        if isinstance(error, RateLimited)
+        else "The server is busy. Try again in a moment.",
+    )
+    response.headers["Retry-After"] = api.headers["Retry-After"]
+    return response
 
 
 def _invalid_link(request: Request) -> HTMLResponse:
@@ -155,6 +188,7 @@ def recover_form(
 def recover_submit(
     request: Request,
     svc: ServiceDep,
+    client: ClientDep,
     csrf: CsrfField = "",
     password: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
     password_again: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
@@ -165,9 +199,11 @@ def recover_submit(
     if password != password_again:
         return _render(request, "recover.html", 422, error="The two passwords differ.")
     try:
-        svc.complete_recovery(recovery or "", password)
+        svc.complete_recovery(recovery or "", password, client)
     except InvalidToken:
         return _invalid_link(request)
+    except (RateLimited, HashingBusy) as error:
+        return _too_busy(request, error)
     except PasswordRejected as error:
         return _render(request, "recover.html", 422, error=f"{str(error).capitalize()}.")
     done = RedirectResponse("/recover/done", status_code=303)
@@ -186,3 +222,45 @@ def recover_done(request: Request) -> HTMLResponse:
             "out. Log in with the new password."
         ),
     )
+
+
+FlowField = Annotated[str, Form(max_length=FLOW_MAX)]
+
+
+@router.get("/recover/code", response_class=HTMLResponse)
+def code_form(request: Request, flow: str = "") -> HTMLResponse:
+    # Every flow id gets the form: whether a flow is real shows only in whether
+    # a code works, the same as for a flow without an account.
+    return _render(request, "code.html", flow=flow[:FLOW_MAX])
+
+
+@router.post("/recover/code", response_class=HTMLResponse)
+def code_submit(
+    request: Request,
+    svc: ServiceDep,
+    client: ClientDep,
+    csrf: CsrfField = "",
+    flow: FlowField = "",
+    code: Annotated[str, Form(max_length=CODE_MAX)] = "",
+    password: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
+    password_again: Annotated[str, Form(max_length=PASSWORD_MAX)] = "",
+) -> Response:
+    if not _csrf_valid(request, csrf):
+        return _csrf_failed(request)
+    if password != password_again:
+        return _render(request, "code.html", 422, flow=flow, error="The two passwords differ.")
+    try:
+        svc.complete_code_recovery(flow, code.strip(), password, client)
+    except InvalidCode:
+        return _render(
+            request,
+            "code.html",
+            400,
+            flow=flow,
+            error="That code is wrong, used or expired. After five wrong codes, ask for a new one.",
+        )
+    except PasswordRejected as error:
+        return _render(request, "code.html", 422, flow=flow, error=f"{str(error).capitalize()}.")
+    except (RateLimited, HashingBusy) as error:
+        return _too_busy(request, error)
+    return RedirectResponse("/recover/done", status_code=303)

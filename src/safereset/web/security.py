@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from safereset.logs import request_id
 
 log = logging.getLogger("safereset.http")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Recovery and login bodies are a few hundred bytes; the largest legal one
 # (a 1,024-character password of 4-byte characters, JSON-escaped) stays well
@@ -51,9 +54,12 @@ class HttpMiddleware:
     recovery link carries its token there.
     """
 
-    def __init__(self, app: ASGIApp, *, https: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, *, https: bool, trusted_proxies: Sequence[IPNetwork] = ()
+    ) -> None:
         self.app = app
         self.headers = security_headers(https)
+        self.trusted_proxies = tuple(trusted_proxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,6 +69,9 @@ class HttpMiddleware:
         incoming = _header(scope, b"x-request-id")
         current = incoming if incoming and _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         reset = request_id.set(current)
+        scope.setdefault("state", {})["client_address"] = client_address(
+            scope, self.trusted_proxies
+        )
         status = 500
         sent_start = False
 
@@ -95,6 +104,40 @@ class HttpMiddleware:
                 (time.perf_counter() - started) * 1000,
             )
             request_id.reset(reset)
+
+
+def client_address(scope: Scope, trusted: Sequence[IPNetwork]) -> str:
+    """Return the address to rate-limit: the socket peer, or the client a trusted proxy saw.
+
+    ``X-Forwarded-For`` counts only when the peer is a trusted proxy. The list
+    is read from the right, skipping trusted proxies; the first other entry is
+    the client. Entries further left are the client's own claims and are
+    ignored, so a client cannot choose its own address to dodge a limit.
+    """
+    peer = str((scope.get("client") or ("unknown", 0))[0])
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    forwarded = ",".join(
+        value.decode("latin-1")
+        for key, value in scope.get("headers", [])
+        if key.lower() == b"x-forwarded-for"
+    )
+    for entry in reversed([part.strip() for part in forwarded.split(",") if part.strip()]):
+        try:
+            ipaddress.ip_address(entry)
+        except ValueError:
+            return peer  # a malformed hop: the chain cannot be believed past it
+        if not _is_trusted(entry, trusted):
+            return entry
+    return peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(parsed in network for network in trusted)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

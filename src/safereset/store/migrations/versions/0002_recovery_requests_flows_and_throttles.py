@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("method", sa.String(length=8), nullable=False),
         sa.Column("flow_id", sa.String(length=32), nullable=True),
         sa.Column("client_digest", sa.String(length=64), nullable=False),
+        sa.Column("trace_id", sa.String(length=64), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("requested_at", sa.DateTime(), nullable=False),
