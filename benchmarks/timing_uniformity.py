@@ -1,11 +1,11 @@
 """Measure whether POST /api/recovery takes as long for unknown addresses as for known ones.
 
 Starts a real `safereset serve` on a free loopback port with a fresh SQLite
-database (or the database in SAFERESET_DATABASE_URL), adds the known users,
-then sends known and unknown addresses in one shuffled, interleaved sequence
-from one keep-alive client, and prints both latency distributions, the
-difference of their medians and the two-sample Kolmogorov-Smirnov statistic
-with its asymptotic p-value.
+database (or the one SAFERESET_DATABASE_URL names) and adds the known users.
+Then one keep-alive client sends known and unknown addresses in one shuffled
+sequence. The script prints both latency distributions, the difference of
+their medians and the two-sample Kolmogorov-Smirnov statistic with its
+asymptotic p-value.
 
     python benchmarks/timing_uniformity.py [--requests 1000] [--seed 7]
 
