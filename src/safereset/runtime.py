@@ -46,7 +46,7 @@ def build(
             settings.db_pool_size, settings.db_max_overflow, settings.db_pool_timeout_seconds
         ),
     )
-    keyring = Keyring([settings.load_secret_key()])
+    keyring = Keyring(settings.load_secret_keys())
     service = Service(
         engine,
         keyring,

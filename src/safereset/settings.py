@@ -42,6 +42,10 @@ class Settings(BaseSettings):
         default=None,
         description="Key for token digests and CSRF (at least 32 bytes); default generated.",
     )
+    secret_keys: str | None = Field(
+        default=None,
+        description="Comma-separated keys for rotation: the first signs, every one verifies.",
+    )
     mail_url: str | None = Field(
         default=None,
         description="smtp://, smtp+starttls://, smtps:// or file:// URL; default a folder.",
@@ -166,6 +170,29 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {SECRET_KEY_MIN_BYTES} bytes long")
         return value
 
+    @field_validator("secret_keys")
+    @classmethod
+    def _check_secret_keys(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        keys = [key.strip() for key in value.split(",")]
+        if not all(keys):
+            raise ValueError("must be comma-separated keys with none empty")
+        for position, key in enumerate(keys, start=1):
+            if len(key.encode()) < SECRET_KEY_MIN_BYTES:
+                raise ValueError(
+                    f"key {position} must be at least {SECRET_KEY_MIN_BYTES} bytes long"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_one_key_setting(self) -> Settings:
+        if self.secret_key is not None and self.secret_keys is not None:
+            raise ValueError(
+                "secret_keys: set SAFERESET_SECRET_KEYS or SAFERESET_SECRET_KEY, not both"
+            )
+        return self
+
     @field_validator("mail_url")
     @classmethod
     def _check_mail_url(cls, value: str | None) -> str | None:
@@ -193,6 +220,12 @@ class Settings(BaseSettings):
     @property
     def resolved_mail_url(self) -> str:
         return self.mail_url or (self.data_dir / "outbox").resolve().as_uri()
+
+    def load_secret_keys(self) -> list[bytes]:
+        """Return the keys, the signing key first; with none set, the generated one."""
+        if self.secret_keys is not None:
+            return [key.strip().encode() for key in self.secret_keys.split(",")]
+        return [self.load_secret_key()]
 
     def load_secret_key(self) -> bytes:
         """Return the secret key, creating and storing one on first run when none is set."""
