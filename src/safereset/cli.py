@@ -14,7 +14,7 @@ import click
 from safereset import logs
 from safereset.addresses import InvalidAddress
 from safereset.diagrams import FORMATS, document, render
-from safereset.errors import UserExists, UserNotFound
+from safereset.errors import AccountDisabled, UserExists, UserNotFound
 from safereset.machines import MACHINES
 from safereset.passwords import PasswordRejected
 from safereset.runtime import Runtime, build
@@ -28,6 +28,7 @@ OPERATOR_ERRORS = (
     InvalidAddress,
     UserExists,
     UserNotFound,
+    AccountDisabled,
     PasswordRejected,
 )
 
@@ -128,6 +129,22 @@ def migrate_command() -> None:
     runtime = build(settings)
     revision = migrate(runtime.service.engine)
     click.echo(f"database schema is at the newest revision ({revision})")
+
+
+@cli.group()
+def recovery() -> None:
+    """Start recoveries on a user's behalf."""
+
+
+@recovery.command("link")
+@click.argument("email")
+def recovery_link(email: str) -> None:
+    """Print a one-time recovery link for EMAIL to hand over; no mail is sent.
+
+    Older links and codes of the account stop working. The link is printed
+    once, on standard output only, and is not logged or stored.
+    """
+    click.echo(_runtime().service.issue_operator_link(email))
 
 
 @cli.group()

@@ -31,3 +31,7 @@ class UserExists(ValueError):
 
 class UserNotFound(LookupError):
     """No account has this address."""
+
+
+class AccountDisabled(ValueError):
+    """The operation needs an active account, and this one is disabled."""

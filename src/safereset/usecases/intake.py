@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session as DbSession
 
 from safereset import crypto, logs
 from safereset.addresses import parse_address
+from safereset.errors import AccountDisabled, UserNotFound
 from safereset.logs import event
 from safereset.machines._base import Verdict
 from safereset.machines.account import AccountCore
@@ -157,8 +158,30 @@ class Intake(ServiceBase):
         request.issue()
         REQUESTS.save(db, row, core, now)
 
-    def _issue_link(self, db: DbSession, user: models.User, now: datetime) -> None:
+    def issue_operator_link(self, email: str) -> str:
+        """Start a recovery for an account and return its one-time link, mailing nothing.
+
+        For an operator to hand over, for example when the user's mailbox is
+        lost. The operator never sees or chooses the password. Raises
+        ``UserNotFound``, or ``AccountDisabled`` for a disabled account.
+        """
+        address = parse_address(email)
+        now = self.clock()
         token = crypto.new_token()
+        with self._transaction() as db, db.begin():
+            user = db.scalar(
+                select(models.User).where(models.User.email_key == address.key).with_for_update()
+            )
+            if user is None:
+                raise UserNotFound(f"no account for {address.normalized}")
+            if ACCOUNTS.restore(user, AccountCore(user.id)).request_recovery() is Verdict.REJECTED:
+                raise AccountDisabled(f"the account for {address.normalized} is disabled")
+            self._end_credentials(db, user.id, now, supersede=True)
+            ticket_id = self._add_ticket(db, user, token, now)
+        event(log, "operator link issued", user_id=user.id, ticket_id=ticket_id)
+        return f"{self.public_url}/recover?token={token}"
+
+    def _add_ticket(self, db: DbSession, user: models.User, token: str, now: datetime) -> str:
         ticket_id = uuid.uuid4().hex
         core = TicketCore(ticket_id)
         TICKETS.machine.create(core).issue(now, self.token_ttl)
@@ -171,6 +194,11 @@ class Intake(ServiceBase):
                 **TICKETS.initial_columns(core, now),
             )
         )
+        return ticket_id
+
+    def _issue_link(self, db: DbSession, user: models.User, now: datetime) -> None:
+        token = crypto.new_token()
+        ticket_id = self._add_ticket(db, user, token, now)
         outbox.queue(
             db,
             self.keyring,
