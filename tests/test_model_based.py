@@ -91,7 +91,9 @@ class RecoveryModel(RuleBasedStateMachine):
         super().__init__()
         self.folder = tempfile.TemporaryDirectory()
         self.clock = FakeClock()
-        self.runtime = build(make_settings(Path(self.folder.name), **UNLIMITED), hasher=HASHER, clock=self.clock)
+        self.runtime = build(
+            make_settings(Path(self.folder.name), **UNLIMITED), hasher=HASHER, clock=self.clock
+        )
         migrate(self.runtime.service.engine)
         self.service = self.runtime.service
         self.inbox = Inbox()

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from safereset import logs
+from safereset import audit, logs
 from safereset.addresses import InvalidAddress
 from safereset.diagrams import FORMATS, document, render
 from safereset.errors import AccountDisabled, UserExists, UserNotFound
@@ -145,6 +145,21 @@ def recovery_link(email: str) -> None:
     once, on standard output only, and is not logged or stored.
     """
     click.echo(_runtime().service.issue_operator_link(email))
+
+
+@cli.command("audit")
+@click.option("--user", "email", help="Only the events of this account.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000))
+def audit_command(email: str | None, limit: int) -> None:
+    """List audit events, newest first: time, event, user id, subject, client, detail."""
+    runtime = _runtime()
+    user_id = None
+    if email is not None:
+        user_id = runtime.service.find_user(email).user_id
+    for entry in audit.entries(runtime.service.engine, user_id=user_id, limit=limit):
+        fields = (entry.user_id, entry.subject, entry.client, entry.detail)
+        rest = "\t".join("-" if value is None else str(value) for value in fields)
+        click.echo(f"{entry.at.isoformat(timespec='seconds')}\t{entry.event}\t{rest}")
 
 
 @cli.group()

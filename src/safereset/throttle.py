@@ -36,10 +36,11 @@ _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*")
 class RateLimited(Exception):
     """Too many requests in one scope; ``retry_after`` is in whole seconds."""
 
-    def __init__(self, scope: str, retry_after: int) -> None:
+    def __init__(self, scope: str, retry_after: int, key_digest: str = "") -> None:
         super().__init__(f"rate limit of {scope} reached; retry after {retry_after} s")
         self.scope = scope
         self.retry_after = retry_after
+        self.key_digest = key_digest
 
 
 @dataclass(frozen=True)
@@ -127,4 +128,4 @@ def check(db: DbSession, keyring: Keyring, scope: str, key: str, rate: Rate, now
         log.warning(
             "rate limit reached", extra={"ids": {"scope": scope, "key_digest": digest[:16]}}
         )
-        raise RateLimited(scope, retry_after)
+        raise RateLimited(scope, retry_after, digest[:16])

@@ -168,3 +168,20 @@ class Throttle(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     tat: Mapped[float] = mapped_column(Float(precision=53))
     allowed: Mapped[bool] = mapped_column(Boolean)
+
+
+class AuditEvent(Base):
+    """One security-relevant event, written in the transaction of the change it records."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_user", "user_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    event: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[int | None] = mapped_column(Integer)
+    # The ticket, flow, session, request or scope the event is about.
+    subject: Mapped[str | None] = mapped_column(String(64))
+    # The client address of the HTTP request, where there was one.
+    client: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(255))

@@ -11,16 +11,17 @@ two use cases wait on each other in a cycle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.orm import Session as DbSession
 
-from safereset import crypto, throttle
+from safereset import audit, crypto, throttle
 from safereset.logs import event
 from safereset.machines.flow import FlowCore
 from safereset.machines.session import SessionCore
@@ -81,6 +82,36 @@ class ServiceBase:
     ) -> None:
         throttle.check(db, self.keyring, scope, key, rate, now)
 
+    @contextlib.contextmanager
+    def _audit_refusals(
+        self,
+        client: str,
+        refused: type[Exception] | None = None,
+        detail: str = "",
+        subject: str | None = None,
+    ) -> Iterator[None]:
+        """Record a rate-limit refusal, or a ``refused`` error, once its transaction is over.
+
+        Use it outside the ``with`` block of the transaction that raises: that
+        transaction rolls back, and on SQLite a second writer would wait for it.
+        """
+        try:
+            yield
+        except throttle.RateLimited as error:
+            self._audit_alone(
+                "throttled", subject=error.scope, client=client, detail=f"key {error.key_digest}"
+            )
+            raise
+        except Exception as error:
+            if refused is None or not isinstance(error, refused):
+                raise
+            self._audit_alone("reset_rejected", subject=subject, client=client, detail=detail)
+            raise
+
+    def _audit_alone(self, event_name: str, **fields: Any) -> None:
+        with self._transaction() as db, db.begin():
+            audit.record(db, event_name, self.clock(), **fields)
+
     def _hash(self, password: str) -> str:
         with self.hash_gate.slot():
             return self.hasher.hash(password)
@@ -133,6 +164,9 @@ class ServiceBase:
             SESSIONS.save(db, row, core, now)
         if sessions:
             event(log, "sessions revoked", user_id=user_id, count=len(sessions))
+            audit.record(
+                db, "sessions_revoked", now, user_id=user_id, detail=f"{len(sessions)} session(s)"
+            )
 
     def _end_credentials(
         self, db: DbSession, user_id: int, now: datetime, *, supersede: bool

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from safereset import audit
 from safereset.errors import InvalidCode
 from safereset.logs import event
 from safereset.machines._base import Verdict
@@ -36,17 +37,21 @@ class CodeRecovery(ResetBase):
         and spends nothing. Counts against the client's completion limit.
         """
         now = self.clock()
-        with self._transaction() as db, db.begin():
-            self._throttle(db, "complete_client", client, self.limits.completion_per_client, now)
-        # The length rules do not depend on the account, so flows with and
-        # without one answer alike.
-        check_policy(password, None)
-        if not FLOW_ID.fullmatch(flow_id):
-            raise InvalidCode
+        subject = flow_id if FLOW_ID.fullmatch(flow_id) else None
+        with self._audit_refusals(client, InvalidCode, "code", subject):
+            with self._transaction() as db, db.begin():
+                self._throttle(
+                    db, "complete_client", client, self.limits.completion_per_client, now
+                )
+            # The length rules do not depend on the account, so flows with and
+            # without one answer alike.
+            check_policy(password, None)
+            if subject is None:
+                raise InvalidCode
 
-        email = self._try_code(flow_id, code)
-        password_hash = self._new_password_hash(password, email)
-        self._complete(flow_id, code, password_hash)
+            email = self._try_code(flow_id, code)
+            password_hash = self._new_password_hash(password, email)
+            self._complete(flow_id, code, password_hash, client)
 
     def _matches(self, row: models.Flow, code: str) -> bool:
         if row.code_digest is None or not CODE.fullmatch(code):
@@ -76,7 +81,7 @@ class CodeRecovery(ResetBase):
                 raise InvalidCode
             return user.email
 
-    def _complete(self, flow_id: str, code: str, password_hash: str) -> None:
+    def _complete(self, flow_id: str, code: str, password_hash: str, client: str) -> None:
         now = self.clock()
         with self._transaction() as db, db.begin():
             found = db.get(models.Flow, flow_id)
@@ -99,4 +104,5 @@ class CodeRecovery(ResetBase):
             except StaleRecord:
                 raise InvalidCode from None
             self._finish_reset(db, user, password_hash, now)
+            audit.record(db, "reset_completed", now, user_id=user.id, subject=row.id, client=client)
             event(log, "flow completed", user_id=user.id, flow_id=row.id)

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as DbSession
 
-from safereset import crypto, logs
+from safereset import audit, crypto, logs
 from safereset.addresses import parse_address
 from safereset.errors import AccountDisabled, UserNotFound
 from safereset.logs import event
@@ -60,10 +60,13 @@ class Intake(ServiceBase):
         now = self.clock()
         request_id = uuid.uuid4().hex
         flow_id = uuid.uuid4().hex if method == "code" else None
-        with self._transaction() as db, db.begin():
+        with self._audit_refusals(client), self._transaction() as db, db.begin():
             self._throttle(db, "recover_client", client, self.limits.recovery_per_client, now)
             self._throttle(
                 db, "recover_address", address.key, self.limits.recovery_per_address, now
+            )
+            audit.record(
+                db, "recovery_requested", now, subject=request_id, client=client, detail=method
             )
             core = RequestCore(request_id)
             REQUESTS.machine.create(core).record()
@@ -146,6 +149,14 @@ class Intake(ServiceBase):
         if reason is not None or user is None:
             request.drop(reason or "no_account")
             REQUESTS.save(db, row, core, now)
+            audit.record(
+                db,
+                "request_dropped",
+                now,
+                user_id=user.id if user else None,
+                subject=row.id,
+                detail=reason,
+            )
             event(log, "recovery request dropped", recovery_id=row.id, reason=reason)
             return
 
@@ -178,6 +189,7 @@ class Intake(ServiceBase):
                 raise AccountDisabled(f"the account for {address.normalized} is disabled")
             self._end_credentials(db, user.id, now, supersede=True)
             ticket_id = self._add_ticket(db, user, token, now)
+            audit.record(db, "operator_link_issued", now, user_id=user.id, subject=ticket_id)
         event(log, "operator link issued", user_id=user.id, ticket_id=ticket_id)
         return f"{self.public_url}/recover?token={token}"
 
@@ -209,6 +221,7 @@ class Intake(ServiceBase):
             secret=token,
             now=now,
         )
+        audit.record(db, "ticket_issued", now, user_id=user.id, subject=ticket_id)
         event(log, "ticket issued", user_id=user.id, ticket_id=ticket_id)
 
     def _arm_flow(self, db: DbSession, user: models.User, flow_id: str, now: datetime) -> None:
@@ -229,4 +242,5 @@ class Intake(ServiceBase):
             secret=code,
             now=now,
         )
+        audit.record(db, "code_armed", now, user_id=user.id, subject=flow_id)
         event(log, "code armed", user_id=user.id, flow_id=flow_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session as DbSession
 
+from safereset import audit
 from safereset.errors import InvalidToken
 from safereset.logs import event
 from safereset.machines._base import Verdict
@@ -48,21 +49,23 @@ class LinkRecovery(ResetBase):
         completion limit.
         """
         now = self.clock()
-        with self._transaction() as db, db.begin():
-            self._throttle(db, "complete_client", client, self.limits.completion_per_client, now)
-        # Check token and policy first, so the slow hash happens outside the
-        # write transaction and only for a token that works.
-        email = self._peek_ticket(token)
-        password_hash = self._new_password_hash(password, email)
+        with self._audit_refusals(client, InvalidToken, "link"):
+            with self._transaction() as db, db.begin():
+                self._throttle(
+                    db, "complete_client", client, self.limits.completion_per_client, now
+                )
+            # Check token and policy first, so the slow hash happens outside the
+            # write transaction and only for a token that works.
+            email = self._peek_ticket(token)
+            password_hash = self._new_password_hash(password, email)
 
-        now = self.clock()
-        with self._transaction() as db, db.begin():
-            ticket_id = self._redeem(db, token, password_hash)
-        if ticket_id is not None:
-            event(log, "ticket rejected", ticket_id=ticket_id)
-            raise InvalidToken
+            with self._transaction() as db, db.begin():
+                ticket_id = self._redeem(db, token, password_hash, client)
+            if ticket_id is not None:
+                event(log, "ticket rejected", ticket_id=ticket_id)
+                raise InvalidToken
 
-    def _redeem(self, db: DbSession, token: str, password_hash: str) -> str | None:
+    def _redeem(self, db: DbSession, token: str, password_hash: str, client: str) -> str | None:
         """Redeem and finish the reset; return the ticket id when the ticket was rejected."""
         now = self.clock()
         found = self._find(db, models.Ticket, TICKET_PURPOSE, token)
@@ -83,5 +86,6 @@ class LinkRecovery(ResetBase):
         except StaleRecord:
             raise InvalidToken from None
         self._finish_reset(db, user, password_hash, now)
+        audit.record(db, "reset_completed", now, user_id=user.id, subject=row.id, client=client)
         event(log, "ticket redeemed", user_id=user.id, ticket_id=row.id)
         return None

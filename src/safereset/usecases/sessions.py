@@ -31,7 +31,7 @@ class Sessions(ServiceBase):
         except ValueError:
             raise InvalidCredentials from None
         now = self.clock()
-        with self._transaction() as db, db.begin():
+        with self._audit_refusals(client), self._transaction() as db, db.begin():
             self._throttle(db, "login_client", client, self.limits.login_per_client, now)
             self._throttle(db, "login_account", address.key, self.limits.login_per_account, now)
         with self._transaction() as db:

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from safereset import audit
 from safereset.addresses import parse_address
 from safereset.errors import UserExists, UserNotFound
 from safereset.logs import event
@@ -57,6 +58,15 @@ class UserAdmin(ServiceBase):
             event(log, "user added", user_id=user.id)
             return user.id
 
+    def find_user(self, email: str) -> UserView:
+        """Return the account for ``email``, or raise ``UserNotFound``."""
+        address = parse_address(email)
+        with self._transaction() as db:
+            row = db.scalar(select(models.User).where(models.User.email_key == address.key))
+            if row is None:
+                raise UserNotFound(f"no account for {address.normalized}")
+            return UserView.of(row)
+
     def list_users(self) -> list[UserView]:
         with self._transaction() as db:
             rows = db.scalars(select(models.User).order_by(models.User.id)).all()
@@ -85,6 +95,8 @@ class UserAdmin(ServiceBase):
             else:
                 account.enable()
             if ACCOUNTS.save(db, user, core, now):
-                event(log, f"user {core.journal.entries[-1].state}", user_id=user.id)
+                change = "disabled" if disable else "enabled"
+                audit.record(db, f"user_{change}", now, user_id=user.id)
+                event(log, f"user {change}", user_id=user.id)
             if disable:
                 self._end_everything(db, user.id, now)

@@ -1,4 +1,4 @@
-"""recovery requests, flows and throttles
+"""recovery requests, flows, throttles and the audit trail
 
 Revision ID: 0002
 Revises: 0001
@@ -64,8 +64,26 @@ def upgrade() -> None:
     with op.batch_alter_table("recovery_requests", schema=None) as batch_op:
         batch_op.create_index("ix_recovery_requests_state", ["state", "requested_at"], unique=False)
 
+    op.create_table(
+        "audit_events",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("at", sa.DateTime(), nullable=False),
+        sa.Column("event", sa.String(length=32), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=True),
+        sa.Column("subject", sa.String(length=64), nullable=True),
+        sa.Column("client", sa.String(length=64), nullable=True),
+        sa.Column("detail", sa.String(length=255), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_events")),
+    )
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.create_index("ix_audit_events_user", ["user_id", "at"], unique=False)
+
 
 def downgrade() -> None:
+    with op.batch_alter_table("audit_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_audit_events_user")
+
+    op.drop_table("audit_events")
     with op.batch_alter_table("recovery_requests", schema=None) as batch_op:
         batch_op.drop_index("ix_recovery_requests_state")
 
