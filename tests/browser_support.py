@@ -30,9 +30,14 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """A headless Chromium browser, shared by the session's browser tests."""
+    """A headless Chromium browser, shared by one module's browser tests.
+
+    Module scope, not session: Playwright's sync API runs an event loop on
+    the main thread until it stops, and ``asyncio.run`` in later tests would
+    fail while that loop is running.
+    """
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
