@@ -1,14 +1,15 @@
 """Random sequences of use cases against a small reference model.
 
 Hypothesis drives the real service (store, machines and outbox on a SQLite
-file, clock moved by the test) and a model written here from the security
-properties alone. After every step the two must agree, and invariants over
-the database must hold.
+file or a PostgreSQL schema, clock moved by the test) and a model written
+here from the security properties alone. After every step the two must
+agree, and invariants over the database must hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,8 +37,13 @@ from safereset.runtime import build
 from safereset.store import models
 from safereset.store.db import migrate
 from tests.conftest import FakeClock, make_settings, text_body
+from tests.postgres_support import postgres_schema
+from tests.test_security_properties import table_rows_as_text
 
 EXAMPLES = int(os.environ.get("SAFERESET_MODEL_EXAMPLES", "200"))
+# Each PostgreSQL example creates and migrates a schema of its own, which
+# makes it several times slower than a SQLite one.
+POSTGRES_EXAMPLES = int(os.environ.get("SAFERESET_MODEL_EXAMPLES_POSTGRESQL", "50"))
 ADDRESSES = ("alice@example.com", "bob@example.com")
 VARIANTS = {
     # The third form spells the first letter as FULLWIDTH LATIN SMALL LETTER A.
@@ -90,11 +96,18 @@ class RecoveryModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.folder = tempfile.TemporaryDirectory()
+        self.resources = contextlib.ExitStack()
         self.clock = FakeClock()
-        self.runtime = build(
-            make_settings(Path(self.folder.name), **UNLIMITED), hasher=HASHER, clock=self.clock
-        )
-        migrate(self.runtime.service.engine)
+        try:
+            settings = make_settings(
+                Path(self.folder.name), database_url=self.open_database(), **UNLIMITED
+            )
+            self.runtime = build(settings, hasher=HASHER, clock=self.clock)
+            migrate(self.runtime.service.engine)
+        except BaseException:
+            self.resources.close()
+            self.folder.cleanup()
+            raise
         self.service = self.runtime.service
         self.inbox = Inbox()
         self.worker = Worker(
@@ -107,15 +120,26 @@ class RecoveryModel(RuleBasedStateMachine):
         self.users: dict[str, ModelUser] = {}
         self.secrets: set[str] = set()
 
-    def teardown(self) -> None:
+    def open_database(self) -> str | None:
+        """Return the database URL for this example, or None for a SQLite file in the folder."""
+        return None
+
+    def close_database(self) -> bytes:
+        """Close the engine and return the raw bytes of the SQLite files."""
         database = Path(self.folder.name) / "safereset.db"
         self.service.engine.dispose()
-        raw = b"".join(
+        return b"".join(
             path.read_bytes() for path in database.parent.glob("safereset.db*") if path.is_file()
         )
+
+    def teardown(self) -> None:
+        try:
+            stored = self.close_database()
+        finally:
+            self.resources.close()
+            self.folder.cleanup()
         for secret in self.secrets:
-            assert secret.encode() not in raw, "a plaintext token or password is in the database"
-        self.folder.cleanup()
+            assert secret.encode() not in stored, "a plaintext token or password is in the database"
 
     def _deliver(self) -> list[EmailMessage]:
         before = len(self.inbox.messages)
@@ -288,3 +312,31 @@ RecoveryModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_recovery_model = pytest.mark.filterwarnings("ignore")(RecoveryModel.TestCase)
+
+
+class PostgresRecoveryModel(RecoveryModel):
+    """The same model on PostgreSQL, in a fresh schema for each example."""
+
+    def open_database(self) -> str:
+        return self.resources.enter_context(postgres_schema())
+
+    def close_database(self) -> bytes:
+        """Close the engine and return every row of the schema as text."""
+        try:
+            return b"\n".join(table_rows_as_text(self.service.engine).values())
+        finally:
+            self.service.engine.dispose()
+
+
+PostgresRecoveryModel.TestCase.settings = settings(
+    max_examples=POSTGRES_EXAMPLES,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+# When no PostgreSQL server can create a schema, the postgres_url fixture
+# skips the test (fails it in CI, see tests/availability.py) before
+# Hypothesis starts.
+test_recovery_model_postgresql = pytest.mark.usefixtures("postgres_url")(
+    pytest.mark.filterwarnings("ignore")(PostgresRecoveryModel.TestCase)
+)

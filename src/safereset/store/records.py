@@ -49,11 +49,19 @@ class Binding(Generic[InputsT, CoreT, RowT]):
         return self.machine.restore(core, row.state, self.data_of(row))
 
     def save(self, db: DbSession, row: RowT, core: CoreT, now: datetime) -> bool:
-        """Write the last state the machine entered; return False when it entered none."""
+        """Write the state the machine ended in; return False when it entered none.
+
+        The columns of every state entered on the way are applied in order, so
+        a pass through one state (a lapsed lease through ``retrying``) leaves
+        what only it records (the lease's error) beside the final state's data.
+        """
         entered = core.journal.last
         if entered is None:
             return False
-        values = {"state": entered.state, **self.columns_of(entered.data, now)}
+        values: dict[str, Any] = {}
+        for step in core.journal.entries:
+            values.update(self.columns_of(step.data, now))
+        values["state"] = entered.state
         table: Any = self.model
         result = cast(
             CursorResult[object],

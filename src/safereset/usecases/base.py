@@ -38,8 +38,8 @@ TICKET_PURPOSE = "ticket"
 SESSION_PURPOSE = "session"
 CODE_PURPOSE = "code"
 CLIENT_PURPOSE = "client"
-# What operator commands and embedding code pass as the client address.
-LOCAL_CLIENT = "local"
+# Recorded for requests that came with no client address (library calls).
+NO_CLIENT = "none"
 
 
 def utc_now() -> datetime:
@@ -78,14 +78,21 @@ class ServiceBase:
         return DbSession(self.engine, expire_on_commit=False)
 
     def _throttle(
-        self, db: DbSession, scope: str, key: str, rate: throttle.Rate, now: datetime
+        self, db: DbSession, scope: str, key: str | None, rate: throttle.Rate, now: datetime
     ) -> None:
+        """Count one event; a per-client scope without a client address is not counted.
+
+        Library callers that pass no client address would otherwise share one
+        bucket, and the first busy minute would lock every user out.
+        """
+        if key is None:
+            return
         throttle.check(db, self.keyring, scope, key, rate, now)
 
     @contextlib.contextmanager
     def _audit_refusals(
         self,
-        client: str,
+        client: str | None,
         refused: type[Exception] | None = None,
         detail: str = "",
         subject: str | None = None,

@@ -13,7 +13,7 @@ from safereset.machines.flow import FlowCore
 from safereset.passwords import check_policy
 from safereset.store import models
 from safereset.store.records import ACCOUNTS, FLOWS, StaleRecord
-from safereset.usecases.base import CODE_PURPOSE, LOCAL_CLIENT, log
+from safereset.usecases.base import CODE_PURPOSE, log
 from safereset.usecases.resets import ResetBase
 
 FLOW_ID = re.compile(r"[0-9a-f]{32}")
@@ -27,7 +27,7 @@ def code_subject(flow_id: str, code: str) -> str:
 
 class CodeRecovery(ResetBase):
     def complete_code_recovery(
-        self, flow_id: str, code: str, password: str, client: str = LOCAL_CLIENT
+        self, flow_id: str, code: str, password: str, client: str | None = None
     ) -> None:
         """Set a new password with a flow's mailed code.
 
@@ -81,7 +81,7 @@ class CodeRecovery(ResetBase):
                 raise InvalidCode
             return user.email
 
-    def _complete(self, flow_id: str, code: str, password_hash: str, client: str) -> None:
+    def _complete(self, flow_id: str, code: str, password_hash: str, client: str | None) -> None:
         now = self.clock()
         with self._transaction() as db, db.begin():
             found = db.get(models.Flow, flow_id)

@@ -33,7 +33,7 @@ from safereset.throttle import RateLimited
 from safereset.usecases.base import (
     CLIENT_PURPOSE,
     CODE_PURPOSE,
-    LOCAL_CLIENT,
+    NO_CLIENT,
     TICKET_PURPOSE,
     ServiceBase,
     log,
@@ -47,7 +47,7 @@ REQUESTS_PER_ROUND = 50
 
 class Intake(ServiceBase):
     def request_recovery(
-        self, email: str, client: str = LOCAL_CLIENT, method: str = "link"
+        self, email: str, client: str | None = None, method: str = "link"
     ) -> str | None:
         """Record a recovery request; return the flow id for the code method.
 
@@ -76,7 +76,7 @@ class Intake(ServiceBase):
                     address_key=address.key,
                     method=method,
                     flow_id=flow_id,
-                    client_digest=self.keyring.digest(CLIENT_PURPOSE, client),
+                    client_digest=self.keyring.digest(CLIENT_PURPOSE, client or NO_CLIENT),
                     trace_id=logs.request_id.get(),
                     requested_at=now,
                     **REQUESTS.initial_columns(core, now),

@@ -12,7 +12,7 @@ from safereset.machines.account import AccountCore
 from safereset.machines.ticket import TicketCore
 from safereset.store import models
 from safereset.store.records import ACCOUNTS, TICKETS, StaleRecord
-from safereset.usecases.base import LOCAL_CLIENT, TICKET_PURPOSE, log
+from safereset.usecases.base import TICKET_PURPOSE, log
 from safereset.usecases.resets import ResetBase
 
 
@@ -39,7 +39,7 @@ class LinkRecovery(ResetBase):
             raise InvalidToken
         return user.email
 
-    def complete_recovery(self, token: str, password: str, client: str = LOCAL_CLIENT) -> None:
+    def complete_recovery(self, token: str, password: str, client: str | None = None) -> None:
         """Set a new password with a recovery token.
 
         Redeems the ticket, ends every other ticket, flow and session of the
@@ -65,7 +65,9 @@ class LinkRecovery(ResetBase):
                 event(log, "ticket rejected", ticket_id=ticket_id)
                 raise InvalidToken
 
-    def _redeem(self, db: DbSession, token: str, password_hash: str, client: str) -> str | None:
+    def _redeem(
+        self, db: DbSession, token: str, password_hash: str, client: str | None
+    ) -> str | None:
         """Redeem and finish the reset; return the ticket id when the ticket was rejected."""
         now = self.clock()
         found = self._find(db, models.Ticket, TICKET_PURPOSE, token)

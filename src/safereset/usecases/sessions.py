@@ -15,12 +15,12 @@ from safereset.machines.account import AccountCore
 from safereset.machines.session import SessionCore
 from safereset.store import models
 from safereset.store.records import ACCOUNTS, SESSIONS, StaleRecord
-from safereset.usecases.base import LOCAL_CLIENT, SESSION_PURPOSE, ServiceBase, log
+from safereset.usecases.base import SESSION_PURPOSE, ServiceBase, log
 from safereset.usecases.users import UserView
 
 
 class Sessions(ServiceBase):
-    def log_in(self, email: str, password: str, client: str = LOCAL_CLIENT) -> str:
+    def log_in(self, email: str, password: str, client: str | None = None) -> str:
         """Check the password and open a session; return its bearer token.
 
         Counts against the login limits of the client and of the address,
