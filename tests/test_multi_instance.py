@@ -21,6 +21,7 @@ from safereset.errors import InvalidCredentials
 from safereset.passwords import Hasher
 from safereset.runtime import Runtime, build
 from safereset.store.db import MIGRATION_LOCK_KEY, MIGRATIONS, migrate
+from safereset.store.models import Base
 from tests.concurrency_support import (
     WAIT_SECONDS,
     CommandLauncher,
@@ -155,7 +156,7 @@ def schema_state(url: str) -> tuple[list[str], set[str]]:
 
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
-TABLES = {"alembic_version", "users", "tickets", "sessions", "outbox"}
+TABLES = {"alembic_version", *Base.metadata.tables}
 
 
 def distinct_free_ports(count: int) -> list[int]:

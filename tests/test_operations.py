@@ -393,7 +393,9 @@ def test_lost_connection_request_503(
 
 @pytest.fixture
 def cut_at_commit(proxied_runtime: Runtime, proxy: CuttableProxy, issued_token: str) -> None:
-    """Cut the proxy just before the app next commits a transaction that queued mail.
+    """Cut the proxy just before the app next commits a transaction that queued work.
+
+    That is mail (a completed reset) or a recovery request for the worker.
 
     The transaction has then sent its changes, and the server rolls them back
     when the connection drops.
@@ -403,7 +405,7 @@ def cut_at_commit(proxied_runtime: Runtime, proxy: CuttableProxy, issued_token: 
 
     @event.listens_for(engine, "before_cursor_execute")
     def watch(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO OUTBOX"):
+        if statement.lstrip().upper().startswith(("INSERT INTO OUTBOX", "INSERT INTO RECOVERY_")):
             queued.append(True)
 
     @event.listens_for(engine, "commit")
@@ -440,7 +442,11 @@ def test_connection_lost_at_commit_503(
 
 
 def test_requests_succeed_after_restore(
-    proxy: CuttableProxy, proxied_client: TestClient, direct_engine: Engine, issued_token: str
+    proxy: CuttableProxy,
+    proxied_client: TestClient,
+    proxied_runtime: Runtime,
+    direct_engine: Engine,
+    issued_token: str,
 ) -> None:
     completion = {"token": issued_token, "password": NEW_PASSWORD}
     proxy.cut()
@@ -453,6 +459,7 @@ def test_requests_succeed_after_restore(
     assert completed.status_code == 200, completed.text
     requested = proxied_client.post("/api/recovery", json={"email": ALICE})
     assert requested.status_code == 202, requested.text
+    proxied_runtime.service.process_recovery_requests()
     assert ticket_states(direct_engine) == ["issued", "redeemed"]
     # The first link, the password-changed notice and the second link.
     assert outbox_count(direct_engine) == 3

@@ -70,8 +70,12 @@ class Rate:
 
     @property
     def tolerance(self) -> float:
-        """How far ahead of now the TAT may run and still let an event through."""
-        return self.period_seconds - self.interval
+        """How far ahead of now the TAT may run and still let an event through.
+
+        Widened by a microsecond so that float rounding cannot turn away the
+        last event of a burst: 6 * (3600 / 7) may land just above 3600 - 3600 / 7.
+        """
+        return self.period_seconds - self.interval + 1e-6
 
 
 @dataclass(frozen=True)
