@@ -219,6 +219,7 @@ def message_decisions() -> dict[tuple[str, str], list[Case]]:
 def flow_decisions() -> dict[tuple[str, str], list[Case]]:
     arguments: dict[str, tuple[Any, ...]] = {
         "open": (T0, TTL),
+        "arm": (T0,),
         "present": (T0, False),
         "complete": (),
         "supersede": (),
@@ -240,6 +241,10 @@ def flow_decisions() -> dict[tuple[str, str], list[Case]]:
         Moves((T0, False), ("open",), REJECTED),
         Moves((LATER, True), ("expired",), REJECTED),
     ]
+    table["open", "arm"] = [
+        stays((LATER - timedelta(microseconds=1),), ACCEPTED),
+        Moves((LATER,), ("expired",), REJECTED),
+    ]
     table["open", "supersede"] = [Moves((), ("superseded",))]
     table["open", "revoke"] = [Moves((), ("revoked",))]
     table["open", "_verify"] = [Moves((), ("verified",))]
@@ -247,6 +252,7 @@ def flow_decisions() -> dict[tuple[str, str], list[Case]]:
     table["open", "_lock"] = [Moves((), ("locked",))]
     table["verified", "complete"] = [Moves((), ("completed",))]
     for state in ended:
+        table[state, "arm"] = [stays((T0,), REJECTED)]
         table[state, "present"] = [stays((T0, True), REJECTED)]
         table[state, "supersede"] = [stays(())]
         table[state, "revoke"] = [stays(())]

@@ -7,6 +7,9 @@ attempt budget, for every address, whether or not it has an account. The
 worker later mails a code for a real account; the flow's state does not
 change when it does, so nothing an attacker can observe tells the two apart.
 
+``arm(now)`` asks, before the worker mails a code, whether the flow is still
+open: a flow can lock or expire before the worker reaches its request.
+
 ``present(now, correct)`` is one try of a code. The caller has already
 compared the code's digest with the stored one (a flow without an account
 has no stored digest and never matches):
@@ -42,6 +45,9 @@ ATTEMPTS = 5
 class Flow(Protocol):
     def open(self, now: datetime, ttl: timedelta) -> None:
         "Someone asked for a recovery code for an address."
+
+    def arm(self, now: datetime) -> Verdict:
+        "The worker is about to mail a code for this flow; is it still open?"
 
     def present(self, now: datetime, correct: bool) -> Verdict:
         "Someone tried a code; ``correct`` says whether its digest matched."
@@ -128,6 +134,13 @@ def _build() -> MachineDefinition[Flow, FlowCore]:
         core.journal.record("open", data)
         return Verdict.REJECTED
 
+    @opened.upon(F.arm).loop()
+    def check_expiry(inputs: _FlowInternals, core: FlowCore, data: Open, now: datetime) -> Verdict:
+        if now < data.expires_at:
+            return Verdict.ACCEPTED
+        inputs._lapse()
+        return Verdict.REJECTED
+
     opened.upon(F._verify).to(verified).returns(None)
     opened.upon(F._lapse).to(expired).returns(None)
     opened.upon(F._lock).to(locked).returns(None)
@@ -136,6 +149,7 @@ def _build() -> MachineDefinition[Flow, FlowCore]:
     verified.upon(F.complete).to(completed).returns(None)
 
     for state in (completed, expired, locked, superseded, revoked):
+        state.upon(F.arm).loop().returns(Verdict.REJECTED)
         state.upon(F.present).loop().returns(Verdict.REJECTED)
         state.upon(F.supersede).loop().returns(None)
         state.upon(F.revoke).loop().returns(None)

@@ -14,21 +14,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.orm import Session as DbSession
 
 from safereset import audit, crypto, throttle
 from safereset.logs import event
+from safereset.machines._base import HasJournal
 from safereset.machines.flow import FlowCore
 from safereset.machines.session import SessionCore
 from safereset.machines.ticket import TicketCore
 from safereset.passwords import Hasher, HashGate
 from safereset.store import models
-from safereset.store.records import FLOWS, SESSIONS, TICKETS, StaleRecord
+from safereset.store.records import FLOWS, SESSIONS, TICKETS, Binding, StaleRecord
 
 log = logging.getLogger("safereset.service")
 
@@ -179,37 +180,48 @@ class ServiceBase:
         self, db: DbSession, user_id: int, now: datetime, *, supersede: bool
     ) -> None:
         """Supersede or revoke the user's open tickets and code flows."""
-        tickets = db.scalars(
-            select(models.Ticket)
-            .where(models.Ticket.user_id == user_id, models.Ticket.state == "issued")
+        self._end_open(db, TICKETS, models.Ticket, "issued", TicketCore, user_id, now, supersede)
+        self._end_open(db, FLOWS, models.Flow, "open", FlowCore, user_id, now, supersede)
+
+    def _end_open(
+        self,
+        db: DbSession,
+        binding: Binding[Any, Any, Any],
+        model: type[models.Ticket] | type[models.Flow],
+        open_state: str,
+        make_core: Callable[[str], HasJournal],
+        user_id: int,
+        now: datetime,
+        supersede: bool,
+    ) -> None:
+        # The state filter only narrows the query to rows that can still change;
+        # the machine decides, and ended rows would ignore the input anyway.
+        query = (
+            select(model)
+            .where(model.user_id == user_id, model.state == open_state)
             .with_for_update()
-        ).all()
-        for ticket_row in tickets:
-            ticket_core = TicketCore(ticket_row.id)
-            ticket = TICKETS.restore(ticket_row, ticket_core)
+        )
+        rows = cast(Sequence[models.Ticket | models.Flow], db.scalars(query).all())
+        for row in rows:
+            core = make_core(row.id)
+            credential: Revocable = binding.restore(row, core)
             if supersede:
-                ticket.supersede()
+                credential.supersede()
             else:
-                ticket.revoke()
-            TICKETS.save(db, ticket_row, ticket_core, now)
-            state = ticket_core.journal.entries[-1].state
-            event(log, f"ticket {state}", user_id=user_id, ticket_id=ticket_row.id)
-        flows = db.scalars(
-            select(models.Flow)
-            .where(models.Flow.user_id == user_id, models.Flow.state == "open")
-            .with_for_update()
-        ).all()
-        for flow_row in flows:
-            flow_core = FlowCore(flow_row.id)
-            flow = FLOWS.restore(flow_row, flow_core)
-            if supersede:
-                flow.supersede()
-            else:
-                flow.revoke()
-            FLOWS.save(db, flow_row, flow_core, now)
+                credential.revoke()
+            binding.save(db, row, core, now)
+            name = binding.machine.name
             event(
                 log,
-                f"flow {flow_core.journal.entries[-1].state}",
+                f"{name} {core.journal.entries[-1].state}",
                 user_id=user_id,
-                flow_id=flow_row.id,
+                **{f"{name}_id": row.id},
             )
+
+
+class Revocable(Protocol):
+    """A ticket or a code flow: a newer request or a password change ends it."""
+
+    def supersede(self) -> None: ...
+
+    def revoke(self) -> None: ...

@@ -141,6 +141,8 @@ class Intake(ServiceBase):
             reason = "no_account"
         elif ACCOUNTS.restore(user, AccountCore(user.id)).request_recovery() is Verdict.REJECTED:
             reason = "account_disabled"
+        elif row.flow_id is not None and not self._flow_still_open(db, row.flow_id, now):
+            reason = "flow_ended"
         else:
             try:
                 self._throttle(db, "mail_account", str(user.id), self.limits.mail_per_account, now)
@@ -223,6 +225,20 @@ class Intake(ServiceBase):
         )
         audit.record(db, "ticket_issued", now, user_id=user.id, subject=ticket_id)
         event(log, "ticket issued", user_id=user.id, ticket_id=ticket_id)
+
+    def _flow_still_open(self, db: DbSession, flow_id: str, now: datetime) -> bool:
+        """Ask the flow machine whether a code may still be mailed for it.
+
+        A flow can lock (five wrong tries) or expire before the worker gets to
+        its request; then no code goes out.
+        """
+        flow = db.get(models.Flow, flow_id, with_for_update=True)
+        if flow is None:
+            raise LookupError(f"recovery flow {flow_id} of a pending request is missing")
+        core = FlowCore(flow.id)
+        verdict = FLOWS.restore(flow, core).arm(now)
+        FLOWS.save(db, flow, core, now)  # an expiry found here is recorded
+        return verdict is Verdict.ACCEPTED
 
     def _arm_flow(self, db: DbSession, user: models.User, flow_id: str, now: datetime) -> None:
         """Bind the flow to the account and mail its code; the flow's state stays ``open``."""
