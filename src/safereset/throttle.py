@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from sqlalchemy import Table, case, literal
@@ -29,6 +29,8 @@ from safereset.store import models
 log = logging.getLogger("safereset.throttle")
 
 KEY_PURPOSE = "throttle"
+MICROSECONDS = 1_000_000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*")
 
@@ -64,18 +66,18 @@ class Rate:
         return cls(int(count), int(amount or 1) * _UNITS[unit])
 
     @property
-    def interval(self) -> float:
-        """Seconds between two events at the sustained rate (GCRA's emission interval)."""
-        return self.period_seconds / self.limit
+    def interval(self) -> int:
+        """Microseconds between two events at the sustained rate (GCRA's emission interval).
+
+        Whole microseconds, rounded down, so that sums of intervals are exact
+        and a full burst always fits: ``limit * interval <= period``.
+        """
+        return int(self.period_seconds * MICROSECONDS) // self.limit
 
     @property
-    def tolerance(self) -> float:
-        """How far ahead of now the TAT may run and still let an event through.
-
-        Widened by a microsecond so that float rounding cannot turn away the
-        last event of a burst: 6 * (3600 / 7) may land just above 3600 - 3600 / 7.
-        """
-        return self.period_seconds - self.interval + 1e-6
+    def tolerance(self) -> int:
+        """How many microseconds ahead of now the TAT may run and still let an event through."""
+        return int(self.period_seconds * MICROSECONDS) - self.interval
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,16 @@ class Limits:
     mail_per_account: Rate = Rate(10, 86400)
 
 
-def step(tat: float | None, now: float, rate: Rate) -> tuple[bool, float]:
+def to_microseconds(moment: datetime) -> int:
+    """Return microseconds since the Unix epoch, exactly (no float on the way)."""
+    return (moment - EPOCH) // timedelta(microseconds=1)
+
+
+def step(tat: int | None, now: int, rate: Rate) -> tuple[bool, int]:
     """Return whether an event at ``now`` is allowed, and the bucket's new TAT.
 
-    The reference for the SQL in ``check``: both must agree on every input.
+    Times are microseconds since the epoch. This is the reference for the SQL
+    in ``check``: both must agree on every input.
     """
     start = now if tat is None or tat < now else tat
     if start - now <= rate.tolerance:
@@ -104,7 +112,7 @@ def step(tat: float | None, now: float, rate: Rate) -> tuple[bool, float]:
 def check(db: DbSession, keyring: Keyring, scope: str, key: str, rate: Rate, now: datetime) -> None:
     """Count one event against ``scope`` and ``key``; raise ``RateLimited`` when over."""
     digest = keyring.digest(KEY_PURPOSE, f"{scope}:{key}")
-    moment = now.timestamp()
+    moment = to_microseconds(now)
     table = cast(Table, models.Throttle.__table__)
     dialect = db.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -128,7 +136,7 @@ def check(db: DbSession, keyring: Keyring, scope: str, key: str, rate: Rate, now
     )
     tat, allowed = db.execute(statement).one()
     if not allowed:
-        retry_after = max(1, math.ceil(tat - rate.tolerance - moment))
+        retry_after = max(1, math.ceil((tat - rate.tolerance - moment) / MICROSECONDS))
         log.warning(
             "rate limit reached", extra={"ids": {"scope": scope, "key_digest": digest[:16]}}
         )

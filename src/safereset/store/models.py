@@ -10,7 +10,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -159,14 +169,14 @@ class Flow(Base):
 
 
 class Throttle(Base):
-    """One GCRA bucket: its theoretical arrival time, in seconds since the epoch."""
+    """One GCRA bucket: its theoretical arrival time, in microseconds since the epoch."""
 
     __tablename__ = "throttles"
     __table_args__ = (Index("ix_throttles_tat", "tat"),)
 
     scope: Mapped[str] = mapped_column(String(32), primary_key=True)
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tat: Mapped[float] = mapped_column(Float(precision=53))
+    tat: Mapped[int] = mapped_column(BigInteger)
     allowed: Mapped[bool] = mapped_column(Boolean)
 
 

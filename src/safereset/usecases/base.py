@@ -12,6 +12,7 @@ two use cases wait on each other in a cycle.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,19 @@ CODE_PURPOSE = "code"
 CLIENT_PURPOSE = "client"
 # Recorded for requests that came with no client address (library calls).
 NO_CLIENT = "none"
+
+
+def client_network(client: str | None) -> str | None:
+    """Return the key of a client address: the address, or its /64 for IPv6."""
+    if client is None:
+        return None
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client  # not an IP address, for example a test client's name
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def utc_now() -> datetime:
@@ -89,6 +103,16 @@ class ServiceBase:
         if key is None:
             return
         throttle.check(db, self.keyring, scope, key, rate, now)
+
+    def _throttle_client(
+        self, db: DbSession, scope: str, client: str | None, rate: throttle.Rate, now: datetime
+    ) -> None:
+        """Count one event of a client address; IPv6 clients count per /64 network.
+
+        One IPv6 host usually holds a whole /64 and could change its address
+        for every request, so a single address would be no limit at all.
+        """
+        self._throttle(db, scope, client_network(client), rate, now)
 
     @contextlib.contextmanager
     def _audit_refusals(

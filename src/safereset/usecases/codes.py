@@ -40,7 +40,7 @@ class CodeRecovery(ResetBase):
         subject = flow_id if FLOW_ID.fullmatch(flow_id) else None
         with self._audit_refusals(client, InvalidCode, "code", subject):
             with self._transaction() as db, db.begin():
-                self._throttle(
+                self._throttle_client(
                     db, "complete_client", client, self.limits.completion_per_client, now
                 )
             # The length rules do not depend on the account, so flows with and

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as DbSession
 
-from safereset import audit, crypto, logs
+from safereset import audit, crypto, logs, throttle
 from safereset.addresses import parse_address
 from safereset.errors import AccountDisabled, UserNotFound
 from safereset.logs import event
@@ -61,7 +61,9 @@ class Intake(ServiceBase):
         request_id = uuid.uuid4().hex
         flow_id = uuid.uuid4().hex if method == "code" else None
         with self._audit_refusals(client), self._transaction() as db, db.begin():
-            self._throttle(db, "recover_client", client, self.limits.recovery_per_client, now)
+            self._throttle_client(
+                db, "recover_client", client, self.limits.recovery_per_client, now
+            )
             self._throttle(
                 db, "recover_address", address.key, self.limits.recovery_per_address, now
             )
@@ -125,9 +127,8 @@ class Intake(ServiceBase):
             resolved += 1
         with self._transaction() as db, db.begin():
             # A bucket whose TAT has passed is full again, the same as no row.
-            db.execute(
-                delete(models.Throttle).where(models.Throttle.tat < self.clock().timestamp())
-            )
+            now_us = throttle.to_microseconds(self.clock())
+            db.execute(delete(models.Throttle).where(models.Throttle.tat < now_us))
         return resolved
 
     def _resolve(self, db: DbSession, row: models.RecoveryRequest, now: datetime) -> None:

@@ -51,7 +51,7 @@ class LinkRecovery(ResetBase):
         now = self.clock()
         with self._audit_refusals(client, InvalidToken, "link"):
             with self._transaction() as db, db.begin():
-                self._throttle(
+                self._throttle_client(
                     db, "complete_client", client, self.limits.completion_per_client, now
                 )
             # Check token and policy first, so the slow hash happens outside the

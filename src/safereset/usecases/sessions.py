@@ -32,7 +32,7 @@ class Sessions(ServiceBase):
             raise InvalidCredentials from None
         now = self.clock()
         with self._audit_refusals(client), self._transaction() as db, db.begin():
-            self._throttle(db, "login_client", client, self.limits.login_per_client, now)
+            self._throttle_client(db, "login_client", client, self.limits.login_per_client, now)
             self._throttle(db, "login_account", address.key, self.limits.login_per_account, now)
         with self._transaction() as db:
             user = db.scalar(select(models.User).where(models.User.email_key == address.key))

@@ -21,7 +21,7 @@ CODE_MAX = 32
 FLOW_MAX = 64
 
 RECOVERY_ACCEPTED = (
-    "If an account exists for this address, a recovery link is on its way to the "
+    "If an account exists for this address, a recovery {what} is on its way to the "
     "address stored for it."
 )
 
@@ -54,7 +54,7 @@ class RecoveryRequest(Strict):
 
 class RecoveryAccepted(BaseModel):
     status: str = "accepted"
-    message: str = RECOVERY_ACCEPTED
+    message: str = RECOVERY_ACCEPTED.format(what="link")
     flow: str | None = Field(
         default=None,
         description="With the code method: the flow to complete with the mailed code. "
@@ -117,7 +117,8 @@ def request_recovery(body: RecoveryRequest, svc: ServiceDep, client: ClientDep) 
     The response is the same for every valid address, known or not.
     """
     flow = svc.request_recovery(body.email, client, body.method)
-    return RecoveryAccepted(flow=flow)
+    message = RECOVERY_ACCEPTED.format(what=body.method)
+    return RecoveryAccepted(message=message, flow=flow)
 
 
 @router.post("/recovery/complete", responses=ERROR_RESPONSES)

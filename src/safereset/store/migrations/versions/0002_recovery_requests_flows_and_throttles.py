@@ -18,7 +18,7 @@ def upgrade() -> None:
         "throttles",
         sa.Column("scope", sa.String(length=32), nullable=False),
         sa.Column("key", sa.String(length=64), nullable=False),
-        sa.Column("tat", sa.Float(precision=53), nullable=False),
+        sa.Column("tat", sa.BigInteger(), nullable=False),
         sa.Column("allowed", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("scope", "key", name=op.f("pk_throttles")),
     )
