@@ -151,6 +151,7 @@ def recorded_statements(runtime: Runtime) -> Iterator[list[str]]:
 USERS_TABLE = re.compile(r"\busers\b", re.IGNORECASE)
 
 
+@pytest.mark.threat("T10")
 @pytest.mark.parametrize("method", ["link", "code"])
 def test_request_path_same_sql(runtime: Runtime, client: TestClient, method: str) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
@@ -164,6 +165,7 @@ def test_request_path_same_sql(runtime: Runtime, client: TestClient, method: str
     assert unknown == known
 
 
+@pytest.mark.threat("T10")
 @pytest.mark.parametrize("method", ["link", "code"])
 def test_request_path_reads_no_users(runtime: Runtime, client: TestClient, method: str) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
@@ -201,6 +203,7 @@ def test_recovery_limit_per_client(
     assert recover(client, "user3@example.com").status_code == 202
 
 
+@pytest.mark.threat("T13")
 def test_recovery_limit_per_address(
     runtime: Runtime,
     peers: Callable[[str], TestClient],
@@ -248,6 +251,7 @@ def completion(client: TestClient, endpoint: str) -> Any:
     return client.post(f"/api/recovery/flows/{'0' * 32}/complete", json=body)
 
 
+@pytest.mark.threat("T14")
 @pytest.mark.parametrize(
     "endpoints",
     [("link", "link", "link"), ("code", "code", "code"), ("link", "code", "link")],
@@ -301,6 +305,7 @@ def test_completion_limit_spends_no_attempt(
     assert done.status_code == 200
 
 
+@pytest.mark.threat("T16")
 def test_login_limit_per_account(
     runtime: Runtime,
     peers: Callable[[str], TestClient],
@@ -338,6 +343,7 @@ def test_login_limit_unknown_account(
     assert statuses[UNKNOWN] == statuses[ALICE]
 
 
+@pytest.mark.threat("T16")
 def test_login_limit_per_client(
     runtime: Runtime,
     client: TestClient,
@@ -363,6 +369,7 @@ def request_rows(runtime: Runtime) -> list[models.RecoveryRequest]:
         return list(db.scalars(query))
 
 
+@pytest.mark.threat("T13")
 def test_mail_limit_per_account(
     runtime: Runtime,
     peers: Callable[[str], TestClient],
@@ -489,6 +496,7 @@ def two_instances(
         instance.service.engine.dispose()
 
 
+@pytest.mark.threat("T18")
 def test_two_instances_share_limit(
     two_instances: tuple[Runtime, Runtime], clock: FakeClock
 ) -> None:
@@ -579,6 +587,7 @@ def test_client_address_without_trusted_proxies() -> None:
     assert client_address(scope, []) == "192.0.2.1"
 
 
+@pytest.mark.threat("T17")
 def test_spoofed_forwarded_for_counts_peer(
     runtime: Runtime,
     client: TestClient,
@@ -597,6 +606,7 @@ def test_spoofed_forwarded_for_counts_peer(
     assert scopes(limit_log) == ["recover_client"]
 
 
+@pytest.mark.threat("T17")
 def test_untrusted_peer_forwarded_for_ignored(
     database_url: str,
     tmp_path: Path,
@@ -740,6 +750,7 @@ def assert_busy(response: Any) -> None:
     assert response.headers["retry-after"] == "1"
 
 
+@pytest.mark.threat("T21")
 def test_busy_hashing_login(
     runtime: Runtime, client: TestClient, blocking_hasher: BlockingHasher
 ) -> None:
@@ -776,6 +787,7 @@ def test_busy_hashing_keeps_ticket(
     assert log_in(client, ALICE, NEW_PASSWORD).status_code == 201
 
 
+@pytest.mark.threat("T21")
 def test_hash_gate_bounds_slots() -> None:
     gate = HashGate(2)
 
@@ -825,6 +837,7 @@ def test_client_network_key(client: str | None, key: str | None) -> None:
     assert client_network(client) == key
 
 
+@pytest.mark.threat("T17")
 def test_ipv6_neighbours_share_limit(runtime: Runtime) -> None:
     limits = dataclasses.replace(runtime.service.limits, recovery_per_client=Rate(2, 60))
     runtime.service.limits = limits

@@ -37,6 +37,7 @@ def deliver(runtime: Runtime, mailbox: Mailbox) -> None:
     asyncio.run(worker.deliver_due())
 
 
+@pytest.mark.threat("T29")
 def test_reset_by_link_is_audited(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -80,6 +81,7 @@ def test_reset_by_link_is_audited(
         assert "nobody@example.com" not in text
 
 
+@pytest.mark.threat("T29")
 def test_throttled_request_is_audited(runtime: Runtime, client: TestClient) -> None:
     runtime.service.limits = runtime.service.limits.__class__(recovery_per_client=Rate(1, 60))
     client.post("/api/recovery", json={"email": EMAIL})

@@ -117,6 +117,7 @@ def test_request_returns_flow(client: TestClient, email: str) -> None:
     assert FLOW_ID.fullmatch(response.json()["flow"])
 
 
+@pytest.mark.threat("T09")
 @pytest.mark.usefixtures("alice")
 def test_request_unknown_alike(client: TestClient) -> None:
     known = request_code(client, ALICE)
@@ -209,6 +210,7 @@ def test_four_wrong_codes_allowed(
     assert complete(client, flow, code).status_code == 200
 
 
+@pytest.mark.threat("T14")
 @pytest.mark.usefixtures("alice")
 def test_five_wrong_codes_lock(runtime: Runtime, client: TestClient, smtp_server: Mailbox) -> None:
     flow = start_flow(client)
@@ -224,6 +226,7 @@ def test_five_wrong_codes_lock(runtime: Runtime, client: TestClient, smtp_server
     assert log_in(client, OLD_PASSWORD).status_code == 201
 
 
+@pytest.mark.threat("T14")
 @pytest.mark.usefixtures("alice")
 def test_last_try_responds_like_first(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
@@ -236,6 +239,7 @@ def test_last_try_responds_like_first(
     assert_alike(tries[0], tries[5])  # a try on the locked flow
 
 
+@pytest.mark.threat("T14")
 @pytest.mark.usefixtures("alice")
 def test_code_expires(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox, clock: FakeClock
@@ -262,6 +266,7 @@ def test_code_works_before_expiry(
     assert complete(client, flow, code).status_code == 200
 
 
+@pytest.mark.threat("T14")
 @pytest.mark.usefixtures("alice")
 def test_code_bound_to_flow(runtime: Runtime, client: TestClient, smtp_server: Mailbox) -> None:
     first = start_flow(client)
@@ -328,6 +333,7 @@ def test_rejected_password_spends_no_try(
     assert complete(client, flow, code).status_code == 200
 
 
+@pytest.mark.threat("T15")
 @pytest.mark.usefixtures("alice")
 @pytest.mark.parametrize(
     ("flow", "code"),
@@ -350,6 +356,7 @@ def test_made_up_flow_like_wrong_code(
 # A flow for an address without an account
 
 
+@pytest.mark.threat("T15")
 @pytest.mark.usefixtures("alice")
 def test_unknown_flow_responds_alike(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox

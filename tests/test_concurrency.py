@@ -69,6 +69,7 @@ def children() -> Iterator[list[SpawnProcess]]:
     end_processes(started)
 
 
+@pytest.mark.threat("T03")
 @pytest.mark.e2e
 def test_same_token_many_processes(
     database_url: str,
@@ -117,6 +118,7 @@ def race(start: threading.Barrier, call: Callable[..., object], *arguments: obje
     return outcome_of(lambda: call(*arguments))
 
 
+@pytest.mark.threat("T03")
 def test_logout_races_reset(
     database_url: str, tmp_path: Path, runtimes: Callable[[Settings], Runtime]
 ) -> None:

@@ -245,6 +245,7 @@ def test_api_reset_mails_stored_address(
     assert "srt_" not in notice.as_string()
 
 
+@pytest.mark.threat("T26")
 def test_killed_server_mail_sent_by_worker(
     launcher: ServerLauncher, deployment: Deployment, smtp_server: Mailbox, browser: httpx2.Client
 ) -> None:
@@ -334,6 +335,7 @@ def test_late_report_after_takeover_ignored(
     assert row.worker is None
 
 
+@pytest.mark.threat("T05")
 def test_server_log_hides_secrets(
     launcher: ServerLauncher, deployment: Deployment, smtp_server: Mailbox, browser: httpx2.Client
 ) -> None:

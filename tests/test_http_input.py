@@ -64,6 +64,7 @@ def stable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 # Unknown addresses
 
 
+@pytest.mark.threat("T09")
 def test_unknown_address_same_response(runtime: Runtime, client: TestClient) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
 
@@ -77,6 +78,7 @@ def test_unknown_address_same_response(runtime: Runtime, client: TestClient) -> 
     )
 
 
+@pytest.mark.threat("T09")
 def test_unknown_address_same_page(runtime: Runtime, client: TestClient) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
     csrf = csrf_of(client.get("/forgot").text)
@@ -91,6 +93,7 @@ def test_unknown_address_same_page(runtime: Runtime, client: TestClient) -> None
     )
 
 
+@pytest.mark.threat("T12")
 def test_unknown_address_gets_no_mail(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -106,6 +109,7 @@ def test_unknown_address_gets_no_mail(
 # The Host header
 
 
+@pytest.mark.threat("T08")
 def test_api_link_ignores_host_header(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -121,6 +125,7 @@ def test_api_link_ignores_host_header(
         assert link.startswith(f"{runtime.settings.public_url}/")
 
 
+@pytest.mark.threat("T08")
 def test_page_link_ignores_host_header(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -142,6 +147,7 @@ def test_page_link_ignores_host_header(
 # Pages
 
 
+@pytest.mark.threat("T04", "T06")
 @pytest.mark.parametrize(
     "path", ["/forgot", "/recover", "/recover?token=not-a-token", "/recover/done"]
 )
@@ -152,6 +158,7 @@ def test_page_privacy_headers(client: TestClient, path: str) -> None:
     assert response.headers["cache-control"] == "no-store"
 
 
+@pytest.mark.threat("T04", "T27")
 def test_opening_link_keeps_ticket(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -174,6 +181,7 @@ def test_opening_link_keeps_ticket(
     runtime.service.check_ticket(token)
 
 
+@pytest.mark.threat("T01")
 @pytest.mark.parametrize(
     "token",
     [
@@ -193,6 +201,7 @@ def test_link_with_malformed_token(client: TestClient, token: str) -> None:
     assert "safereset_recovery" not in page.cookies
 
 
+@pytest.mark.threat("T01")
 def test_link_with_unknown_token(client: TestClient) -> None:
     redirect = client.get("/recover", params={"token": "srt_" + "A" * 43}, follow_redirects=False)
     assert redirect.status_code == 303
@@ -241,6 +250,7 @@ def forged_form(client: TestClient, case: CsrfCase, own: str, **fields: str) -> 
     return form
 
 
+@pytest.mark.threat("T19")
 @pytest.mark.parametrize("case", CSRF_CASES)
 def test_forgot_post_needs_csrf(runtime: Runtime, client: TestClient, case: CsrfCase) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
@@ -263,6 +273,7 @@ def test_forgot_post_with_csrf(runtime: Runtime, client: TestClient) -> None:
     assert len(outbox_messages(runtime)) == 1
 
 
+@pytest.mark.threat("T19")
 @pytest.mark.parametrize("case", CSRF_CASES)
 def test_recover_post_needs_csrf(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox, case: CsrfCase
@@ -491,6 +502,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.threat("T28")
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_json_bad_input(runtime: Runtime, client: TestClient, case: BadInput) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
@@ -546,6 +558,7 @@ def test_bad_authorization(
 # Login failures
 
 
+@pytest.mark.threat("T09", "T16")
 @pytest.mark.parametrize(
     "email",
     [

@@ -40,6 +40,7 @@ def deliver(runtime: Runtime, mailbox: Mailbox) -> int:
     return asyncio.run(worker.deliver_due())
 
 
+@pytest.mark.threat("T25")
 def test_rotation_keeps_outstanding_secrets(
     tmp_path: Path,
     database_url: str,
@@ -67,6 +68,7 @@ def test_rotation_keeps_outstanding_secrets(
     after.service.engine.dispose()
 
 
+@pytest.mark.threat("T25")
 def test_dropped_key_ends_its_secrets(
     tmp_path: Path, database_url: str, clock: FakeClock, cheap_hasher: Hasher
 ) -> None:

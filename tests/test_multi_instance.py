@@ -94,6 +94,7 @@ def wall_clock_runtime(
     runtime.service.engine.dispose()
 
 
+@pytest.mark.threat("T26")
 def test_killed_worker_lease_taken_over(
     database_url: str,
     tmp_path: Path,

@@ -114,6 +114,7 @@ def record_tokens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # Expiry
 
 
+@pytest.mark.threat("T23")
 @pytest.mark.parametrize("past_expiry", [timedelta(0), timedelta(seconds=1)], ids=["at", "after"])
 def test_expiry_rejects_token(
     runtime: Runtime, smtp_server: Mailbox, clock: FakeClock, past_expiry: timedelta
@@ -176,6 +177,7 @@ def test_expiry_link_page_status(
 # Superseding and single use
 
 
+@pytest.mark.threat("T23")
 def test_second_request_supersedes_first(runtime: Runtime, smtp_server: Mailbox) -> None:
     service = runtime.service
     service.add_user(ALICE, OLD_PASSWORD)
@@ -190,6 +192,7 @@ def test_second_request_supersedes_first(runtime: Runtime, smtp_server: Mailbox)
     assert ticket_states(runtime) == ["redeemed", "superseded"]
 
 
+@pytest.mark.threat("T02")
 def test_token_single_use(runtime: Runtime, smtp_server: Mailbox) -> None:
     service = runtime.service
     service.add_user(ALICE, OLD_PASSWORD)
@@ -234,6 +237,7 @@ OTHER_FORMS = [
 ]
 
 
+@pytest.mark.threat("T11", "T12")
 @pytest.mark.parametrize("requested", OTHER_FORMS)
 def test_mail_goes_to_stored_address(
     runtime: Runtime, smtp_server: Mailbox, requested: str
@@ -248,6 +252,7 @@ def test_mail_goes_to_stored_address(
     runtime.service.check_ticket(token)
 
 
+@pytest.mark.threat("T11")
 @pytest.mark.parametrize("second", OTHER_FORMS)
 def test_folded_duplicate_user_rejected(runtime: Runtime, second: str) -> None:
     runtime.service.add_user(ALICE)
@@ -260,6 +265,7 @@ def test_folded_duplicate_user_rejected(runtime: Runtime, second: str) -> None:
 # Disabled accounts
 
 
+@pytest.mark.threat("T24")
 def test_disabled_account_gets_no_mail(runtime: Runtime, client: TestClient) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
     runtime.service.disable_user(ALICE)
@@ -271,6 +277,7 @@ def test_disabled_account_gets_no_mail(runtime: Runtime, client: TestClient) -> 
     assert ticket_states(runtime) == []
 
 
+@pytest.mark.threat("T24")
 def test_disabling_ends_link_and_sessions(
     runtime: Runtime, client: TestClient, smtp_server: Mailbox
 ) -> None:
@@ -319,6 +326,7 @@ def test_enabled_account_recovers_again(
 # What a completed reset ends
 
 
+@pytest.mark.threat("T22")
 def test_reset_revokes_sessions_and_tickets(runtime: Runtime, smtp_server: Mailbox) -> None:
     service = runtime.service
     alice = service.add_user(ALICE, OLD_PASSWORD)
@@ -431,6 +439,7 @@ TOKEN_PLACEMENTS = [
 ]
 
 
+@pytest.mark.threat("T05")
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize("write", TOKEN_PLACEMENTS)
@@ -446,6 +455,7 @@ def test_log_filter_redacts_token(
     assert token not in output.getvalue()
 
 
+@pytest.mark.threat("T05")
 @pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_logs_contain_no_secrets(
@@ -542,6 +552,7 @@ def assert_not_stored(runtime: Runtime, secrets: dict[str, str]) -> None:
             assert secret.encode() not in content, f"{label} found in {place}"
 
 
+@pytest.mark.threat("T07")
 def test_database_contains_no_secrets(
     runtime: Runtime, smtp_server: Mailbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -575,6 +586,7 @@ def test_database_contains_no_secrets(
     )
 
 
+@pytest.mark.threat("T07")
 def test_outbox_secret_erased_after_delivery(runtime: Runtime, smtp_server: Mailbox) -> None:
     runtime.service.add_user(ALICE, OLD_PASSWORD)
     runtime.service.request_recovery(ALICE)

@@ -25,6 +25,7 @@ def deliver(runtime: Runtime, mailbox: Mailbox) -> int:
     return asyncio.run(worker.deliver_due())
 
 
+@pytest.mark.threat("T02", "T22")
 def test_reset_by_link(runtime: Runtime, smtp_server: Mailbox) -> None:
     service = runtime.service
     service.add_user("Alice@Example.com", "old password 1")
