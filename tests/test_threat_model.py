@@ -64,3 +64,16 @@ def test_tests_column_matches_markers() -> None:
             f"{threat}: the tests column lists {sorted(names)}, "
             f"the markers are on {sorted(markers.get(threat, set()))}"
         )
+
+
+def test_security_doc_names_real_tests() -> None:
+    """Every test that docs/security.md cites exists, so the mapping cannot rot."""
+    cited = set(re.findall(r"`(test_\w+)`", (ROOT / "docs" / "security.md").read_text("utf-8")))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                defined.add(node.name)
+
+    assert cited
+    assert sorted(cited - defined) == []
