@@ -1,7 +1,7 @@
 """Rate limits kept in the database, so every instance shares them.
 
 Each limit is a generic cell rate algorithm (GCRA) bucket per (scope, key):
-one row holds the bucket's theoretical arrival time (TAT), and one atomic
+one row stores the bucket's theoretical arrival time (TAT), and one atomic
 ``INSERT ... ON CONFLICT DO UPDATE ... RETURNING`` both decides and records
 each check, so two instances checking at once cannot both take the last slot.
 

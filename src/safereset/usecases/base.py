@@ -1,4 +1,4 @@
-"""What every use case shares: configuration, transactions, lookups, revocation.
+"""The base of every use case: configuration, transactions, lookups, revocation.
 
 Every use case runs in database transactions. A machine decides each step;
 the store writes each decision as a compare-and-set; mail is queued in the
@@ -109,7 +109,7 @@ class ServiceBase:
     ) -> None:
         """Count one event of a client address; IPv6 clients count per /64 network.
 
-        One IPv6 host usually holds a whole /64 and could change its address
+        One IPv6 host is usually given a whole /64 and could change its address
         for every request, so a single address would be no limit at all.
         """
         self._throttle(db, scope, client_network(client), rate, now)

@@ -44,7 +44,7 @@ class CodeRecovery(ResetBase):
                     db, "complete_client", client, self.limits.completion_per_client, now
                 )
             # The length rules do not depend on the account, so flows with and
-            # without one answer alike.
+            # without one respond alike.
             check_policy(password, None)
             if subject is None:
                 raise InvalidCode

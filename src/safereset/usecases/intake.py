@@ -4,8 +4,8 @@ The request path does the same work for every address: two rate-limit
 updates and one insert (two with a code flow), never a lookup of the
 account. Known and unknown addresses therefore cost the same by
 construction, not by padding with sleeps. The worker resolves each request
-off the request path: it looks the account up, asks the account machine and
-the per-account mail limit, and issues a link or arms the code flow.
+off the request path: it looks the account up, consults the account machine
+and the per-account mail limit, and issues a link or arms the code flow.
 """
 
 from __future__ import annotations

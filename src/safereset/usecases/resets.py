@@ -1,4 +1,4 @@
-"""What both recovery methods do once a link or code is accepted."""
+"""The steps both recovery methods share once a link or code is accepted."""
 
 from __future__ import annotations
 
