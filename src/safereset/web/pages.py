@@ -227,11 +227,18 @@ def recover_done(request: Request) -> HTMLResponse:
 FlowField = Annotated[str, Form(max_length=FLOW_MAX)]
 
 
+def _render_code(
+    request: Request, svc: ServiceDep, status: int = 200, **values: object
+) -> HTMLResponse:
+    minutes = int(svc.code_ttl.total_seconds() // 60)
+    return _render(request, "code.html", status, ttl_minutes=minutes, **values)
+
+
 @router.get("/recover/code", response_class=HTMLResponse)
-def code_form(request: Request, flow: str = "") -> HTMLResponse:
+def code_form(request: Request, svc: ServiceDep, flow: str = "") -> HTMLResponse:
     # Every flow id gets the form: whether a flow is real shows only in whether
     # a code works, the same as for a flow without an account.
-    return _render(request, "code.html", flow=flow[:FLOW_MAX])
+    return _render_code(request, svc, flow=flow[:FLOW_MAX])
 
 
 @router.post("/recover/code", response_class=HTMLResponse)
@@ -248,19 +255,19 @@ def code_submit(
     if not _csrf_valid(request, csrf):
         return _csrf_failed(request)
     if password != password_again:
-        return _render(request, "code.html", 422, flow=flow, error="The two passwords differ.")
+        return _render_code(request, svc, 422, flow=flow, error="The two passwords differ.")
     try:
         svc.complete_code_recovery(flow, code.strip(), password, client)
     except InvalidCode:
-        return _render(
+        return _render_code(
             request,
-            "code.html",
+            svc,
             400,
             flow=flow,
             error="That code is wrong, used or expired. After five wrong codes, ask for a new one.",
         )
     except PasswordRejected as error:
-        return _render(request, "code.html", 422, flow=flow, error=f"{str(error).capitalize()}.")
+        return _render_code(request, svc, 422, flow=flow, error=f"{str(error).capitalize()}.")
     except (RateLimited, HashingBusy) as error:
         return _too_busy(request, error)
     return RedirectResponse("/recover/done", status_code=303)
