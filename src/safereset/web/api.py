@@ -99,17 +99,60 @@ class ErrorBody(BaseModel):
     field: str | None = None
 
 
+def _header(description: str, schema: dict[str, object]) -> dict[str, object]:
+    return {"description": description, "required": True, "schema": schema}
+
+
+RETRY_AFTER = {"Retry-After": _header("Seconds to wait before trying again.", {"type": "integer"})}
+# Every 401 carries the challenge, also the one for wrong credentials.
+UNAUTHORIZED: dict[int | str, dict[str, object]] = {
+    401: {
+        "model": ErrorBody,
+        "headers": {"WWW-Authenticate": _header("The scheme to use.", {"type": "string"})},
+    }
+}
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody},
     413: {"model": ErrorBody},
-    429: {"model": ErrorBody},
+    429: {"model": ErrorBody, "headers": RETRY_AFTER},
     422: {"model": ErrorBody},
-    503: {"model": ErrorBody},
+    503: {"model": ErrorBody, "headers": RETRY_AFTER},
+}
+# Every 422 of this app has the error body; without this entry FastAPI would
+# document its own validation body for the operations that take a header.
+SESSION_RESPONSES: dict[int | str, dict[str, object]] = {
+    **UNAUTHORIZED,
+    422: {"model": ErrorBody},
+}
+
+# OpenAPI links: which response values feed which later operation.
+RECOVERY_LINKS = {
+    "CompleteWithCode": {
+        "operationRef": "#/paths/~1api~1recovery~1flows~1%7Bflow%7D~1complete/post",
+        "parameters": {"path.flow": "$response.body#/flow"},
+        "description": "With the code method: complete the flow with the mailed code.",
+    }
+}
+_SESSION_TOKEN = {"header.authorization": "Bearer {$response.body#/token}"}
+SESSION_LINKS = {
+    "CurrentSession": {
+        "operationRef": "#/paths/~1api~1sessions~1current/get",
+        "parameters": _SESSION_TOKEN,
+        "description": "Read the account behind the new session.",
+    },
+    "LogOut": {
+        "operationRef": "#/paths/~1api~1sessions~1current/delete",
+        "parameters": _SESSION_TOKEN,
+        "description": "Revoke the new session.",
+    },
 }
 
 
 @router.post(
-    "/recovery", status_code=202, responses=ERROR_RESPONSES, response_model_exclude_none=True
+    "/recovery",
+    status_code=202,
+    responses={202: {"links": RECOVERY_LINKS}, **ERROR_RESPONSES},
+    response_model_exclude_none=True,
 )
 def request_recovery(body: RecoveryRequest, svc: ServiceDep, client: ClientDep) -> RecoveryAccepted:
     """Mail a one-time link, or with ``method: code`` an 8-digit code.
@@ -142,7 +185,11 @@ def complete_code_recovery(
     return PasswordChanged()
 
 
-@router.post("/sessions", status_code=201, responses={401: {"model": ErrorBody}, **ERROR_RESPONSES})
+@router.post(
+    "/sessions",
+    status_code=201,
+    responses={201: {"links": SESSION_LINKS}, **UNAUTHORIZED, **ERROR_RESPONSES},
+)
 def log_in(body: Credentials, svc: ServiceDep, client: ClientDep) -> SessionCreated:
     """Log in with email address and password; the token goes in ``Authorization: Bearer``."""
     token = svc.log_in(body.email, body.password, client)
@@ -159,14 +206,14 @@ def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str:
 BearerDep = Annotated[str, Depends(bearer_token)]
 
 
-@router.get("/sessions/current", responses={401: {"model": ErrorBody}})
+@router.get("/sessions/current", responses=SESSION_RESPONSES)
 def current_session(token: BearerDep, svc: ServiceDep) -> CurrentUser:
     """Return the account behind the session token."""
     user = svc.authenticate(token)
     return CurrentUser(user_id=user.user_id, email=user.email)
 
 
-@router.delete("/sessions/current", status_code=204, responses={401: {"model": ErrorBody}})
+@router.delete("/sessions/current", status_code=204, responses=SESSION_RESPONSES)
 def log_out(token: BearerDep, svc: ServiceDep) -> Response:
     """Revoke the session token (log out)."""
     svc.log_out(token)
