@@ -104,13 +104,17 @@ def _header(description: str, schema: dict[str, object]) -> dict[str, object]:
 
 
 RETRY_AFTER = {"Retry-After": _header("Seconds to wait before trying again.", {"type": "integer"})}
-# Every 401 carries the challenge, also the one for wrong credentials.
+# Every 401 carries the WWW-Authenticate challenge, including the one for wrong credentials.
 UNAUTHORIZED: dict[int | str, dict[str, object]] = {
     401: {
         "model": ErrorBody,
-        "headers": {"WWW-Authenticate": _header("The scheme to use.", {"type": "string"})},
+        "headers": {
+            "WWW-Authenticate": _header("The authentication scheme: Bearer.", {"type": "string"})
+        },
     }
 }
+# NOTE: errors.py maps StaleRecord to 409, which no operation declares. Only
+# concurrent writes to one record raise it, and no test reaches it over HTTP.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody},
     413: {"model": ErrorBody},
@@ -118,8 +122,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     422: {"model": ErrorBody},
     503: {"model": ErrorBody, "headers": RETRY_AFTER},
 }
-# Every 422 of this app has the error body; without this entry FastAPI would
-# document its own validation body for the operations that take a header.
+# Every 422 of this app has the error body. Without this entry, FastAPI
+# documents its own validation body for the operations that take a header.
 SESSION_RESPONSES: dict[int | str, dict[str, object]] = {
     **UNAUTHORIZED,
     422: {"model": ErrorBody},

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from safereset.addresses import InvalidAddress
 from safereset.errors import InvalidCode, InvalidCredentials, InvalidSession, InvalidToken
@@ -96,9 +97,28 @@ def _http(request: Request, error: Exception) -> JSONResponse:
     code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(
         error.status_code, "http_error"
     )
-    return JSONResponse(
-        error_body(code, str(error.detail)), error.status_code, headers=error.headers
-    )
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Return every method some route offers for the request's path.
+
+    Starlette names only the methods of the first route that matched the
+    path, and GET and DELETE of one path are two routes here. Asking every
+    route about every method also covers routers included in the app.
+    """
+    allowed = []
+    for method in METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _known(request: Request, error: Exception) -> JSONResponse:
