@@ -138,3 +138,22 @@ def test_audit_command(tmp_path: Path) -> None:
 
     [line] = result.stdout.splitlines()
     assert line.split("\t")[1:3] == ["user_disabled", "1"]
+
+
+def test_rejected_code_shows_under_user(
+    runtime: Runtime, client: TestClient, smtp_server: Mailbox
+) -> None:
+    user_id = runtime.service.add_user(EMAIL)
+    flow = client.post("/api/recovery", json={"email": EMAIL, "method": "code"}).json()["flow"]
+    deliver(runtime, smtp_server)
+
+    response = client.post(
+        f"/api/recovery/flows/{flow}/complete", json={"code": "00000000", "password": "p" * 9}
+    )
+
+    assert response.status_code == 400
+    rejected = audit.entries(runtime.service.engine, user_id=user_id)[0]
+    assert rejected.event == "reset_rejected"
+    assert rejected.subject == flow
+    requested = [entry for entry in events(runtime) if entry.event == "recovery_requested"]
+    assert requested[0].detail == f"code flow {flow}"

@@ -142,10 +142,11 @@ def _message_columns(data: object, now: datetime) -> dict[str, Any]:
         case outbox.Retrying(attempt, next_at, error):
             return {"worker": None, "due_at": next_at, "attempt": attempt, "last_error": error}
         case outbox.Sent():
-            # The sealed token is needed only until delivery.
-            return {"worker": None, "sent_at": now, "sealed_secret": None}
+            # The sealed token is needed only until delivery. A finished
+            # message's due time is when it finished, not its lapsed lease.
+            return {"worker": None, "sent_at": now, "sealed_secret": None, "due_at": now}
         case outbox.Dead(attempts, error):
-            return {"worker": None, "attempt": attempts, "last_error": error}
+            return {"worker": None, "attempt": attempts, "last_error": error, "due_at": now}
     raise TypeError(f"unexpected outbox state data {data!r}")
 
 

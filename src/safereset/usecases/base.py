@@ -137,8 +137,22 @@ class ServiceBase:
         except Exception as error:
             if refused is None or not isinstance(error, refused):
                 raise
-            self._audit_alone("reset_rejected", subject=subject, client=client, detail=detail)
+            self._audit_alone(
+                "reset_rejected",
+                user_id=self._flow_owner(subject),
+                subject=subject,
+                client=client,
+                detail=detail,
+            )
             raise
+
+    def _flow_owner(self, flow_id: str | None) -> int | None:
+        """Return the account a code flow belongs to, so rejected codes show under it."""
+        if flow_id is None:
+            return None
+        with self._transaction() as db:
+            flow = db.get(models.Flow, flow_id)
+            return flow.user_id if flow is not None else None
 
     def _audit_alone(self, event_name: str, **fields: Any) -> None:
         with self._transaction() as db, db.begin():

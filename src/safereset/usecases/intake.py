@@ -67,8 +67,9 @@ class Intake(ServiceBase):
             self._throttle(
                 db, "recover_address", address.key, self.limits.recovery_per_address, now
             )
+            detail = method if flow_id is None else f"code flow {flow_id}"
             audit.record(
-                db, "recovery_requested", now, subject=request_id, client=client, detail=method
+                db, "recovery_requested", now, subject=request_id, client=client, detail=detail
             )
             core = RequestCore(request_id)
             REQUESTS.machine.create(core).record()
