@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session as DbSession
@@ -215,16 +215,7 @@ class Intake(ServiceBase):
     def _issue_link(self, db: DbSession, user: models.User, now: datetime) -> None:
         token = crypto.new_token()
         ticket_id = self._add_ticket(db, user, token, now)
-        outbox.queue(
-            db,
-            self.keyring,
-            kind="recovery_link",
-            recipient=user.email,
-            user_id=user.id,
-            values={"ttl_minutes": int(self.token_ttl.total_seconds() // 60)},
-            secret=token,
-            now=now,
-        )
+        self._mail_secret(db, user, "recovery_link", token, self.token_ttl, now)
         audit.record(db, "ticket_issued", now, user_id=user.id, subject=ticket_id)
         event(log, "ticket issued", user_id=user.id, ticket_id=ticket_id)
 
@@ -234,9 +225,7 @@ class Intake(ServiceBase):
         A flow can lock (five wrong tries) or expire before the worker gets to
         its request; then no code goes out.
         """
-        flow = db.get(models.Flow, flow_id, with_for_update=True)
-        if flow is None:
-            raise LookupError(f"recovery flow {flow_id} of a pending request is missing")
+        flow = self._locked_flow(db, flow_id)
         core = FlowCore(flow.id)
         verdict = FLOWS.restore(flow, core).arm(now)
         FLOWS.save(db, flow, core, now)  # an expiry found here is recorded
@@ -244,21 +233,37 @@ class Intake(ServiceBase):
 
     def _arm_flow(self, db: DbSession, user: models.User, flow_id: str, now: datetime) -> None:
         """Bind the flow to the account and mail its code; the flow's state stays ``open``."""
-        flow = db.get(models.Flow, flow_id, with_for_update=True)
-        if flow is None:
-            raise LookupError(f"recovery flow {flow_id} of a pending request is missing")
+        flow = self._locked_flow(db, flow_id)
         code = f"{secrets.randbelow(10**8):08d}"
         flow.user_id = user.id
         flow.code_digest = self.keyring.digest(CODE_PURPOSE, code_subject(flow_id, code))
+        self._mail_secret(db, user, "recovery_code", code, self.code_ttl, now)
+        audit.record(db, "code_armed", now, user_id=user.id, subject=flow_id)
+        event(log, "code armed", user_id=user.id, flow_id=flow_id)
+
+    def _locked_flow(self, db: DbSession, flow_id: str) -> models.Flow:
+        flow = db.get(models.Flow, flow_id, with_for_update=True)
+        if flow is None:
+            raise LookupError(f"recovery flow {flow_id} of a pending request is missing")
+        return flow
+
+    def _mail_secret(
+        self,
+        db: DbSession,
+        user: models.User,
+        kind: str,
+        secret: str,
+        lifetime: timedelta,
+        now: datetime,
+    ) -> None:
+        """Queue a link or code mail to the account's stored address, sealed in the outbox."""
         outbox.queue(
             db,
             self.keyring,
-            kind="recovery_code",
+            kind=kind,
             recipient=user.email,
             user_id=user.id,
-            values={"ttl_minutes": int(self.code_ttl.total_seconds() // 60)},
-            secret=code,
+            values={"ttl_minutes": int(lifetime.total_seconds() // 60)},
+            secret=secret,
             now=now,
         )
-        audit.record(db, "code_armed", now, user_id=user.id, subject=flow_id)
-        event(log, "code armed", user_id=user.id, flow_id=flow_id)
