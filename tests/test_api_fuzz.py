@@ -11,7 +11,7 @@ schema, the documented content type and the documented headers.
 - Schemathesis' state machine follows the document's OpenAPI links: a login
   token into the session operations, a flow id into code completion.
 - An explicit Hypothesis state machine chains a code request to its
-  completion with the mailed code, and checks each answer the same way.
+  completion with the mailed code, and checks each response the same way.
 
 Every request goes to an app that ``create_app`` built over the ``runtime``
 fixture, so each test has a database of its own, on SQLite and on
@@ -165,7 +165,7 @@ def test_api_conforms_limited(case: schemathesis.Case, limited_app: FastAPI) -> 
 
 # Schemathesis' check allow_header_conformance found this. Its other default
 # checks fail only where the product validates more than the schema declares
-# (a valid address, the password policy) or answers an oversized body with 413.
+# (a valid address, the password policy) or responds to an oversized body with 413.
 def test_allow_lists_every_method(client: TestClient) -> None:
     response = client.put("/api/sessions/current")
 

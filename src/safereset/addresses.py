@@ -12,7 +12,7 @@ MAX_ADDRESS_LENGTH = 320  # 64 for the local part, 1 for "@", 255 for the domain
 
 
 class InvalidAddress(ValueError):
-    """The text is not a usable email address; the message says why."""
+    """The text is not a usable email address; the message gives the reason."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Events carry ids and the client address, never a token, code, password or
 email address. Each is written in the transaction of the change it records,
-so the trail and the state never disagree; a rate-limited request, whose own
+so the trail and the state never disagree. A rate-limited request, whose own
 transaction rolls back, is recorded in a transaction of its own.
 """
 

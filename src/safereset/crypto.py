@@ -1,7 +1,7 @@
 """Tokens, keyed digests and sealing: every use of the secret key.
 
-Tokens are 256 random bits from ``secrets``. The database holds only a keyed
-digest of each (HMAC-SHA-256), so a dump of it holds no usable token, and a
+Tokens are 256 random bits from ``secrets``. The database stores only a keyed
+digest of each (HMAC-SHA-256), so a dump of it contains no usable token, and a
 lookup by digest means no secret is ever compared with ``==``. Each purpose
 derives its own key, so a digest made for one purpose never matches another.
 

@@ -1,4 +1,4 @@
-"""Errors the use cases raise; the web layer maps each to one HTTP answer."""
+"""Errors the use cases raise; the web layer maps each to one HTTP response."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ MAX_PASSWORD_LENGTH = 1024
 
 
 class PasswordRejected(ValueError):
-    """A new password fails the policy; the message says why."""
+    """A new password fails the policy; the message gives the reason."""
 
 
 def check_policy(password: str, email: str | None) -> None:
@@ -41,7 +41,7 @@ def fold(text: str) -> str:
 
 
 class HashingBusy(Exception):
-    """Every hashing slot is taken; the caller should answer 503 and retry later."""
+    """Every hashing slot is taken, so the caller should respond 503 and retry later."""
 
 
 class HashGate:
@@ -73,7 +73,7 @@ class Hasher:
 
     They exceed OWASP's minimum for Argon2id (m=19 MiB, t=2, p=1). The
     parameters are kept in each hash string, so raising them later works:
-    ``needs_rehash`` tells the caller to store a new hash after a login.
+    ``needs_rehash`` reports when the caller should store a new hash after a login.
     """
 
     def __init__(self, hasher: PasswordHasher | None = None) -> None:

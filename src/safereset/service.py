@@ -1,6 +1,6 @@
 """The use cases of safereset behind one object: ``Service``.
 
-Each concern lives in its own module under ``safereset.usecases``; this class
+Each concern lives in its own module under ``safereset.usecases``. This class
 combines them, so callers (the web layer, the CLI, an embedding application)
 need one object over one database.
 """

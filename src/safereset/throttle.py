@@ -6,7 +6,7 @@ one row stores the bucket's theoretical arrival time (TAT), and one atomic
 each check, so two instances checking at once cannot both take the last slot.
 
 A rate of N per period lets N requests through at once, then one every
-period/N. Keys are stored only as keyed digests, so the table holds no client
+period/N. Keys are stored only as keyed digests, so the table contains no client
 address and no email address.
 """
 

@@ -5,7 +5,7 @@ Theory of operation
 A flow starts ``new`` and ``open``s on the request path with an expiry and an
 attempt budget, for every address, whether or not it has an account. The
 worker later mails a code for a real account; the flow's state does not
-change when it does, so nothing an attacker can observe tells the two apart.
+change when it does, so nothing an attacker can observe distinguishes the two.
 
 ``arm(now)`` asks, before the worker mails a code, whether the flow is still
 open: a flow can lock or expire before the worker reaches its request.
@@ -38,7 +38,7 @@ from automat import TypeMachineBuilder
 from safereset.machines._base import Journal, MachineDefinition, Verdict, entering
 
 # Five tries of an 8-digit code give an attacker a 5 in 100,000,000 chance per
-# flow; a new flow needs a new request, which the per-address limit throttles.
+# flow. A new flow needs a new request, which the per-address limit throttles.
 ATTEMPTS = 5
 
 

@@ -11,7 +11,7 @@ with the time of the next attempt, or to ``dead`` after the last attempt.
 
 Special cases:
 - A lease that ends without a report means the worker died. Another worker's
-  ``lease`` at or after the lease end takes the message over; the lost lease
+  ``lease`` at or after the lease end takes the message over. The lost lease
   counts as a failed attempt, so a message that kills every worker still dies.
 - ``retrying`` grants a lease only once its next attempt is due.
 - An operator may ``requeue`` a dead message, which starts it over.

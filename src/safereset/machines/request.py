@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``POST /api/recovery`` does the same work for every address: it records a
 request (``new`` to ``pending``) and returns. The worker later looks the
-address up, asks the account machine and the per-account limits, and feeds
+address up, consults the account machine and the per-account limits, and feeds
 the outcome: ``issue`` when a link or code went out, ``drop`` with a reason
 when nothing did (no account, account disabled, mail limit reached). Either
 way the request is resolved once; the store's compare-and-set keeps two

@@ -55,5 +55,5 @@ def compose(
 
 def _transfer_encoding(body: str) -> str:
     # ASCII bodies go as 7bit, so the link stays whole on one line in .eml files
-    # and in raw mail; quoted-printable would escape "=" and break long lines.
+    # and in raw mail. Quoted-printable would escape "=" and break long lines.
     return "7bit" if body.isascii() else "quoted-printable"

@@ -1,4 +1,4 @@
-"""Where mail goes: a folder of ``.eml`` files, or an SMTP server."""
+"""Mail transports: a folder of ``.eml`` files, or an SMTP server."""
 
 from __future__ import annotations
 
@@ -85,7 +85,11 @@ class SmtpTransport:
             raise TransportError(f"{type(error).__name__}: {error}") from None
 
     def describe(self) -> str:
-        tls = "TLS" if self.implicit_tls else "STARTTLS" if self.require_starttls else "plain"
+        tls = "plain"
+        if self.implicit_tls:
+            tls = "TLS"
+        elif self.require_starttls:
+            tls = "STARTTLS"
         return f"SMTP {self.host}:{self.port} ({tls})"
 
 

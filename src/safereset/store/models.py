@@ -111,8 +111,8 @@ class OutboxMessage(Base):
     recipient: Mapped[str] = mapped_column(String(320))
     # Template values that are not secret, as JSON.
     context: Mapped[str] = mapped_column(Text)
-    # The token for the link, encrypted with a key derived from the secret key
-    # and bound to this row's id; erased once the mail is sent.
+    # The token or code for the mail, encrypted with a key derived from the
+    # secret key and bound to this row's id. It is erased once the mail is sent.
     sealed_secret: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16))
     version: Mapped[int] = mapped_column(Integer, default=1)

@@ -1,6 +1,6 @@
 """Restoring machines from rows and writing their transitions as compare-and-set.
 
-A machine's journal says which state it entered and with what data. ``save``
+A machine's journal records which state it entered and with what data. ``save``
 turns that into one ``UPDATE ... WHERE id = :id AND version = :version``; when
 another process changed the row first, no row matches and ``StaleRecord`` is
 raised, so the caller's transaction rolls back and nothing is half-written.
@@ -38,7 +38,7 @@ RowT = TypeVar("RowT", bound=VersionedRow)
 
 @dataclass(frozen=True)
 class Binding(Generic[InputsT, CoreT, RowT]):
-    """How one machine's states and data map onto the columns of one table."""
+    """The mapping of one machine's states and data onto the columns of one table."""
 
     machine: MachineDefinition[InputsT, CoreT]
     model: type[RowT]

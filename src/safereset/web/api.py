@@ -35,7 +35,7 @@ ServiceDep = Annotated[Service, Depends(service)]
 
 
 def client_address(request: Request) -> str:
-    """The address that rate limits count against, set by the HTTP middleware."""
+    """Return the address that rate limits count against, set by the HTTP middleware."""
     address: str = request.state.client_address
     return address
 

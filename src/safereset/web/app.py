@@ -57,7 +57,7 @@ def create_app(runtime: Runtime, *, run_worker: bool | None = None) -> FastAPI:
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
-        # Browsers ask for it on their own; an empty answer keeps their consoles quiet.
+        # Browsers ask for it on their own; an empty response keeps their consoles quiet.
         return Response(status_code=204)
 
     @app.get("/healthz", tags=["operations"])
