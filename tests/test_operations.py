@@ -93,6 +93,29 @@ def test_pool_settings_reach_engine(
         engine.dispose()
 
 
+def test_sqlite_pool_one_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every SQLite transaction takes the write lock, so the threads of one
+    # process queue for one pooled connection instead of polling the lock.
+    settings = settings_from_environment(
+        monkeypatch,
+        SAFERESET_DATA_DIR=str(tmp_path),
+        SAFERESET_SECRET_KEY=SECRET_KEY,
+        SAFERESET_DB_POOL_SIZE="4",
+        SAFERESET_DB_POOL_TIMEOUT_SECONDS="0.5",
+    )
+    engine = build(settings).service.engine
+    try:
+        pool = engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.size() == 1
+        assert pool.timeout() == 0.5
+
+        with engine.connect(), pytest.raises(PoolTimeout):
+            engine.connect()
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

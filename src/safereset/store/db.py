@@ -59,7 +59,20 @@ def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
             )
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30})
+            # SQLite lets one transaction at a time hold the write lock, and every
+            # transaction here takes it (see _begin_immediate). With one pooled
+            # connection, the threads of this process queue for the pool and
+            # wake as soon as it is free. With several, they contend for the lock
+            # inside SQLite, whose busy handler sleeps in steps of up to 100 ms.
+            engine = create_engine(
+                parsed,
+                connect_args={"timeout": 30},
+                pool_size=1,
+                max_overflow=0,
+                pool_timeout=pool.timeout_seconds,
+            )
+        else:
+            engine = create_engine(parsed, connect_args={"timeout": 30})
     except ArgumentError as error:
         # NoSuchModuleError, an unknown dialect, is an ArgumentError too.
         raise DatabaseError(f"SAFERESET_DATABASE_URL is not usable: {_one_line(error)}") from None
