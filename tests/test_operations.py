@@ -34,6 +34,7 @@ from safereset.runtime import Runtime, build
 from safereset.settings import Settings, SettingsError, load_settings
 from safereset.store import models
 from safereset.store.db import CONNECT_TIMEOUT_SECONDS, make_engine, migrate
+from safereset.usecases.intake import REQUESTS_PER_ROUND
 from safereset.web.app import create_app
 from tests.conftest import SECRET_KEY, FakeClock, free_port, make_settings
 from tests.test_cli import error_line, run_cli
@@ -746,3 +747,34 @@ def test_cli_outbox_retry_error(
     assert expected in error_line(result)
     assert state_of(runtime, dead) == "dead"
     assert state_of(runtime, pending) == "pending"
+
+
+def test_worker_drains_backlog_without_polling(runtime: Runtime) -> None:
+    # More requests than one round resolves, and a poll interval no test
+    # would wait for: only rounds that start at once can deliver them all.
+    backlog = REQUESTS_PER_ROUND * 2 + 5
+    addresses = [f"backlog{index}@example.com" for index in range(backlog)]
+    for address in addresses:
+        runtime.service.add_user(address)
+        runtime.service.request_recovery(address)
+    stop = asyncio.Event()
+
+    class StoppingTransport(MemoryTransport):
+        async def send(self, message: EmailMessage) -> None:
+            await super().send(message)
+            if len(self.messages) == backlog:
+                stop.set()
+
+    transport = StoppingTransport()
+    worker = Worker(
+        runtime.outbox,
+        transport,
+        sender=SENDER,
+        public_url=runtime.settings.public_url,
+        poll_seconds=3600,
+        before_delivery=runtime.service.process_recovery_requests,
+    )
+
+    asyncio.run(asyncio.wait_for(worker.run(stop), timeout=120))
+
+    assert sorted(message["To"] for message in transport.messages) == sorted(addresses)

@@ -50,30 +50,46 @@ class Worker:
         self.message_id_domain = urlsplit(public_url).hostname or "safereset"
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver due messages, then wait ``poll_seconds``, until ``stop`` is set."""
+        """Run rounds until ``stop`` is set, waiting ``poll_seconds`` after an idle round."""
         log.info(
             "worker started",
             extra={"ids": {"worker": self.name, "transport": self.transport.describe()}},
         )
         while not stop.is_set():
+            worked = False
             try:
-                await self.deliver_due()
+                resolved, _sent, leased = await self._deliver_round()
+                worked = resolved > 0 or leased > 0
             except Exception:
                 # A database outage must not end the worker; it tries again later.
                 log.exception("delivery round failed", extra={"ids": {"worker": self.name}})
+            if worked:
+                # A round resolves a bounded number of requests, so a backlog
+                # takes several rounds: start the next one at once.
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
         log.info("worker stopped", extra={"ids": {"worker": self.name}})
 
     async def deliver_due(self) -> int:
-        """Deliver every message that is due now; return how many were sent."""
+        """Run one round: resolve requests, then deliver every message due now.
+
+        Returns how many messages were sent.
+        """
+        return (await self._deliver_round())[1]
+
+    async def _deliver_round(self) -> tuple[int, int, int]:
+        """Return how many requests were resolved and messages sent and leased."""
+        resolved = 0
         if self.before_delivery is not None:
-            await asyncio.to_thread(self.before_delivery)
-        sent = 0
+            resolved = await asyncio.to_thread(self.before_delivery)
+        sent = leased = 0
         while True:
             mail = await asyncio.to_thread(self.outbox.lease_next, self.name)
             if mail is None:
-                return sent
+                return resolved, sent, leased
+            leased += 1
             if await self._deliver(mail):
                 sent += 1
 

@@ -11,6 +11,7 @@ and the per-account mail limit, and issues a link or arms the code flow.
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from datetime import datetime, timedelta
 
@@ -126,6 +127,10 @@ class Intake(ServiceBase):
                 finally:
                     logs.request_id.reset(trace)
             resolved += 1
+            # Let a thread that waits for the connection take it first:
+            # otherwise this loop takes it back at once, and on SQLite, with
+            # one connection, an HTTP request could wait for the whole round.
+            time.sleep(0)
         with self._transaction() as db, db.begin():
             # A bucket whose TAT has passed is full again, the same as no row.
             now_us = throttle.to_microseconds(self.clock())
