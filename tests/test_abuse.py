@@ -788,6 +788,37 @@ def test_busy_hashing_keeps_ticket(
 
 
 @pytest.mark.threat("T21")
+def test_busy_answer_runs_no_queries(
+    runtime: Runtime,
+    client: TestClient,
+    smtp_server: Mailbox,
+    blocking_hasher: BlockingHasher,
+) -> None:
+    # A flood of password requests that find the gate full must not load the
+    # database either: each is turned away before its first query.
+    runtime.service.add_user(ALICE, OLD_PASSWORD)
+    token = request_link(runtime, smtp_server)
+    statements: list[str] = []
+
+    def remember(connection: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        statements.append(statement)
+
+    with slot_held(client, blocking_hasher):
+        event.listen(runtime.service.engine, "before_cursor_execute", remember)
+        try:
+            busy_login = log_in(client, ALICE, OLD_PASSWORD)
+            busy_complete = client.post(
+                "/api/recovery/complete", json={"token": token, "password": NEW_PASSWORD}
+            )
+        finally:
+            event.remove(runtime.service.engine, "before_cursor_execute", remember)
+
+    assert_busy(busy_login)
+    assert_busy(busy_complete)
+    assert statements == []
+
+
+@pytest.mark.threat("T21")
 def test_hash_gate_bounds_slots() -> None:
     gate = HashGate(2)
 

@@ -58,6 +58,16 @@ class HashGate:
             raise ValueError(f"hashing slots must be at least 1, got {slots}")
         self._slots = threading.BoundedSemaphore(slots)
 
+    def check_free(self) -> None:
+        """Raise ``HashingBusy`` if every slot is taken at this moment.
+
+        Callers check before their database work, so that a request which
+        would be turned away costs no queries. It reserves nothing: a slot
+        free now may be taken by the time the caller hashes.
+        """
+        with self.slot():
+            pass
+
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):

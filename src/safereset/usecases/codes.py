@@ -35,7 +35,10 @@ class CodeRecovery(ResetBase):
         locked or used flow, alike. A wrong code spends one of the flow's
         attempts. A password that fails the policy raises ``PasswordRejected``
         and spends nothing. Counts against the client's completion limit.
+        When every hashing slot is taken, raises ``HashingBusy`` before
+        counting or querying.
         """
+        self.hash_gate.check_free()
         now = self.clock()
         subject = flow_id if FLOW_ID.fullmatch(flow_id) else None
         with self._audit_refusals(client, InvalidCode, "code", subject):

@@ -46,8 +46,10 @@ class LinkRecovery(ResetBase):
         user, and queues a notice. Raises ``InvalidToken`` for any unusable
         token and ``PasswordRejected`` for a password that fails the policy,
         in which case the ticket stays usable. Counts against the client's
-        completion limit.
+        completion limit. When every hashing slot is taken, raises
+        ``HashingBusy`` before counting or querying.
         """
+        self.hash_gate.check_free()
         now = self.clock()
         with self._audit_refusals(client, InvalidToken, "link"):
             with self._transaction() as db, db.begin():

@@ -24,12 +24,14 @@ class Sessions(ServiceBase):
         """Check the password and open a session; return its bearer token.
 
         Counts against the login limits of the client and of the address,
-        whether or not the address has an account.
+        whether or not the address has an account. When every hashing slot
+        is taken, raises ``HashingBusy`` before counting or querying.
         """
         try:
             address = parse_address(email)
         except ValueError:
             raise InvalidCredentials from None
+        self.hash_gate.check_free()
         now = self.clock()
         with self._audit_refusals(client), self._transaction() as db, db.begin():
             self._throttle_client(db, "login_client", client, self.limits.login_per_client, now)
