@@ -1,0 +1,113 @@
+"""Start a server process on loopback, wait until it answers, read its peak memory, stop it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+# An answer to "/" within this time means no backlog of requests is queued.
+IDLE_ANSWER_SECONDS = 0.05
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Server:
+    """One server process listening on 127.0.0.1, with its output in a log file."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def peak_rss_mib(self) -> float:
+        """Return the process's peak resident set size (VmHWM) so far, in MiB."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="ascii")
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmHWM line in /proc/{self.process.pid}/status")
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Wait until any HTTP response comes back from ``/``; a 404 counts."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited with status {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/", timeout=2):  # noqa: S310
+                    return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server did not answer within {timeout:g} s:\n{self.log_tail()}")
+
+    def wait_until_idle(self, timeout: float = 300.0) -> float:
+        """Wait until the server answers ``/`` quickly twice in a row; return the seconds waited.
+
+        wrk closes its connections at the end of a run, but the server goes on
+        with the requests it had accepted. Without this wait, that backlog
+        would delay the first requests of the next run.
+        """
+        started = time.monotonic()
+        quick = 0
+        while quick < 2:
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"server still busy after {timeout:g} s:\n{self.log_tail()}")
+            asked = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/", timeout=timeout):  # noqa: S310
+                    pass
+            except urllib.error.HTTPError:
+                pass
+            quick = quick + 1 if time.monotonic() - asked < IDLE_ANSWER_SECONDS else 0
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], environment: dict[str, str], port: int, log_path: Path
+) -> Iterator[Server]:
+    """Run ``command`` (which must listen on ``port``) until the block ends."""
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **environment},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(process, port, log_path)
+    try:
+        server.wait_until_serving()
+        yield server
+    finally:
+        server.stop()

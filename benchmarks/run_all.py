@@ -1,0 +1,382 @@
+"""Run every benchmark and write docs/benchmarks.md.
+
+    python benchmarks/run_all.py            # the full run, about 30 minutes
+    python benchmarks/run_all.py --quick    # a few minutes, to check the set-up
+
+`benchmarks/run` calls this after installing what it needs; see
+benchmarks/README.md. The phases, in order:
+
+1. Argon2id alone: raw hashes per second with safereset's parameters.
+2. Load: safereset, Django and fastapi-users, each as one Uvicorn process on
+   SQLite and on PostgreSQL, driven by wrk at several concurrency levels on
+   three routes: ask for recovery, complete a reset, log in.
+3. Growth: safereset's latency on the same routes with 10^3, 10^5 and 10^6
+   accounts and as many outstanding tickets, on both databases.
+4. Timing uniformity of the recovery request (benchmarks/timing_uniformity.py).
+
+Raw figures go to benchmarks/.results/results.json; the report is rendered
+from that file, so `--report-only` rewrites it without measuring again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchkit import argon, databases, population, report
+from benchkit.apps import APPLICATIONS, PASSWORD, Application, Safereset
+from benchkit.load import HttpRequest, LoadResult, run_wrk, write_requests, wrk_version
+
+from safereset.passwords import Hasher
+from safereset.store.db import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / ".results" / "results.json"
+REPORT = ROOT / "docs" / "benchmarks.md"
+
+REQUEST_LEVELS = (1, 8, 32)
+# Complete and login each cost one Argon2id computation of about 0.1 s, so
+# beyond a few connections per core the extra ones only queue.
+HASHING_LEVELS = (1, 2, 8)
+# Disjoint ranges of account indexes, because the routes change accounts: a
+# completed reset changes the password (so a login with the seeded one fails),
+# a login changes Django's reset tokens (they cover the last login time), and a
+# new recovery request supersedes safereset's earlier tickets.
+LOGIN_ACCOUNTS = range(1000, 3000)
+REQUEST_FIRST = 3000
+
+
+@dataclass(frozen=True)
+class Options:
+    users: int
+    seconds: float
+    tokens_per_run: int
+    sizes: tuple[int, ...]
+    growth_seconds: float
+    growth_tokens: int
+    timing_requests: int
+    argon_seconds: float
+
+
+FULL = Options(
+    users=10_000,
+    seconds=10,
+    tokens_per_run=300,
+    sizes=(1_000, 100_000, 1_000_000),
+    growth_seconds=6,
+    growth_tokens=60,
+    timing_requests=1000,
+    argon_seconds=10,
+)
+QUICK = Options(
+    users=4_000,
+    seconds=3,
+    tokens_per_run=40,
+    sizes=(1_000, 10_000),
+    growth_seconds=2,
+    growth_tokens=15,
+    timing_requests=200,
+    argon_seconds=2,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs to check the set-up")
+    parser.add_argument(
+        "--backends",
+        default=",".join(databases.BACKENDS),
+        help="comma-separated: sqlite, postgresql (default both)",
+    )
+    parser.add_argument("--skip-growth", action="store_true", help="leave out phase 3")
+    parser.add_argument("--report-only", action="store_true", help="render the last results")
+    parser.add_argument("--output", type=Path, default=REPORT, help="where to write the report")
+    arguments = parser.parse_args()
+
+    if arguments.report_only:
+        results = json.loads(RESULTS.read_text(encoding="utf-8"))
+        report.write(results, arguments.output)
+        print(f"wrote {arguments.output}")
+        return
+
+    options = QUICK if arguments.quick else FULL
+    backends = [name.strip() for name in arguments.backends.split(",") if name.strip()]
+    for backend in backends:
+        if backend not in databases.BACKENDS:
+            raise SystemExit(f"unknown backend {backend!r}; expected sqlite or postgresql")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed; run benchmarks/run, or apt-get install wrk")
+
+    results: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]]),
+        "options": asdict(options),
+        "skipped": [],
+        "load": [],
+        "memory": [],
+        "settle": [],
+        "growth": [],
+    }
+    if "postgresql" in backends:
+        problem = databases.postgres_problem()
+        if problem is not None:
+            results["skipped"].append(f"{problem}; the PostgreSQL figures are missing.")
+            backends.remove("postgresql")
+
+    print("preparing the peers' environments", flush=True)
+    for application in APPLICATIONS:
+        application.prepare()
+    results["machine"] = describe_machine("postgresql" in backends)
+    results["versions"] = {app.label: app.versions() for app in APPLICATIONS}
+    results["routes"] = {app.label: app.routes for app in APPLICATIONS}
+
+    print("phase 1: Argon2id alone", flush=True)
+    results["argon2"] = argon.measure(options.argon_seconds)
+
+    with tempfile.TemporaryDirectory(prefix="safereset-bench-") as folder:
+        work = Path(folder)
+        for backend in backends:
+            for application in APPLICATIONS:
+                print(f"phase 2: load, {application.label} on {backend}", flush=True)
+                load_phase(application, backend, options, work, results)
+        if not arguments.skip_growth:
+            for backend in backends:
+                print(f"phase 3: growth on {backend}", flush=True)
+                growth_phase(backend, options, work, results)
+
+    print("phase 4: timing uniformity", flush=True)
+    results["timing"] = timing_uniformity(options.timing_requests)
+    results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    report.write(results, arguments.output)
+    print(f"wrote {RESULTS} and {arguments.output}")
+
+
+def record(
+    results: dict[str, Any],
+    section: str,
+    outcome: LoadResult,
+    success: int,
+    route: str,
+    labels: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Keep one run's figures and print them.
+
+    wrk divides by the whole run time even when connections stopped early
+    for lack of tokens, so such a run's rate is only a lower bound.
+    """
+    row = {
+        **labels,
+        **extra,
+        "route": route,
+        **asdict(outcome),
+        "success": outcome.count([success]),
+        "success_status": success,
+        "tokens_ran_out": outcome.finished_connections > 0,
+    }
+    results[section].append(row)
+    print(
+        f"    {route:8} c={outcome.connections:<3} "
+        f"{outcome.requests_per_second:8.1f} req/s  "
+        f"{outcome.per_second([success]):8.1f} ok/s  "
+        f"p50 {outcome.p50_ms:8.1f} ms  p99 {outcome.p99_ms:8.1f} ms  {outcome.statuses}"
+        + ("  (tokens ran out)" if row["tokens_ran_out"] else ""),
+        flush=True,
+    )
+
+
+def load_phase(
+    application: Application,
+    backend: str,
+    options: Options,
+    work: Path,
+    results: dict[str, Any],
+) -> None:
+    """Seed a fresh database, start one server and drive the three routes at each level."""
+    if options.users < REQUEST_FIRST + 1000:
+        raise SystemExit(f"at least {REQUEST_FIRST + 1000} accounts are needed")
+    tokens = options.tokens_per_run * len(HASHING_LEVELS)
+    if tokens > LOGIN_ACCOUNTS.start:
+        raise SystemExit(f"at most {LOGIN_ACCOUNTS.start} reset tokens fit below the logins")
+    database = databases.fresh(backend, f"bench_{application.name}", work)
+    completions = application.seed(database, options.users, tokens, work)
+    requests = [
+        application.recovery_request(population.email_of(index))
+        for index in range(REQUEST_FIRST, options.users)
+    ]
+    logins = [
+        application.login_request(population.email_of(index), PASSWORD) for index in LOGIN_ACCOUNTS
+    ]
+    warm_up = [
+        application.recovery_request(f"warm-up{index}@bench.example") for index in range(200)
+    ]
+    labels = {"backend": backend, "app": application.label}
+    files = work / "requests"
+    files.mkdir(exist_ok=True)
+
+    def replay(name: str, lines: list[HttpRequest], connections: int, once: bool) -> LoadResult:
+        path = files / f"{name}.txt"
+        write_requests(path, lines)
+        outcome = run_wrk(
+            server.base_url, path, connections=connections, seconds=options.seconds, once=once
+        )
+        server.wait_until_idle()
+        return outcome
+
+    try:
+        with application.server(database, work) as server:
+            start_mib = server.peak_rss_mib()
+            replay("warm-up", warm_up, 2, once=False)
+            application.settle(database, work)
+
+            for connections in REQUEST_LEVELS:
+                outcome = replay("request", requests, connections, once=False)
+                record(results, "load", outcome, application.success.request, "request", labels)
+                waited = application.settle(database, work)
+                results["settle"].append({**labels, "connections": connections, "seconds": waited})
+
+            for number, connections in enumerate(HASHING_LEVELS):
+                share = completions[number * options.tokens_per_run :][: options.tokens_per_run]
+                outcome = replay("complete", share, connections, once=True)
+                record(
+                    results,
+                    "load",
+                    outcome,
+                    application.success.complete,
+                    "complete",
+                    labels,
+                    tokens=len(share),
+                )
+                application.settle(database, work)
+
+            for connections in HASHING_LEVELS:
+                outcome = replay("login", logins, connections, once=False)
+                record(results, "load", outcome, application.success.login, "login", labels)
+
+            results["memory"].append(
+                {**labels, "start_mib": start_mib, "peak_mib": server.peak_rss_mib()}
+            )
+    finally:
+        databases.drop(database)
+
+
+def growth_phase(backend: str, options: Options, work: Path, results: dict[str, Any]) -> None:
+    """Measure safereset's routes one request at a time as accounts and tickets grow."""
+    application = Safereset()
+    database = databases.fresh(backend, "bench_growth", work)
+    runtime = application.runtime(database, work)
+    password_hash = Hasher().hash(PASSWORD)
+    issued = 0
+    try:
+        migrate(runtime.service.engine)
+        for size in options.sizes:
+            populate_seconds = population.add_accounts(runtime.service.engine, size, password_hash)
+            counts = population.count_rows(runtime.service.engine)
+            print(
+                f"  {counts['accounts']} accounts, {counts['outstanding_tickets']} "
+                f"outstanding tickets (added in {populate_seconds:.1f} s)",
+                flush=True,
+            )
+            completions = application.issue_links(
+                runtime, range(issued, issued + options.growth_tokens)
+            )
+            issued += options.growth_tokens
+            labels = {"backend": backend, "populate_seconds": populate_seconds, **counts}
+            measure_growth(application, database, options, work, results, completions, labels)
+    finally:
+        runtime.service.engine.dispose()
+        databases.drop(database)
+
+
+def measure_growth(
+    application: Safereset,
+    database: databases.Database,
+    options: Options,
+    work: Path,
+    results: dict[str, Any],
+    completions: list[HttpRequest],
+    labels: dict[str, Any],
+) -> None:
+    size = labels["accounts"]
+    # The newest accounts log in: no reset has changed their password.
+    logins = [
+        application.login_request(population.email_of(index), PASSWORD)
+        for index in range(max(size - 500, 0), size)
+    ]
+    requests = [
+        application.recovery_request(population.email_of(index))
+        for index in range(size // 2, min(size // 2 + 1000, size))
+    ]
+    warm_up = [application.recovery_request(f"warm-up{index}@bench.example") for index in range(50)]
+    files = work / "growth"
+    files.mkdir(exist_ok=True)
+    with application.server(database, work) as server:
+        runs = (
+            ("warm-up", warm_up, False, None),
+            ("complete", completions, True, application.success.complete),
+            ("login", logins, False, application.success.login),
+            ("request", requests, False, application.success.request),
+        )
+        for route, lines, once, success in runs:
+            path = files / f"{route}.txt"
+            write_requests(path, lines)
+            seconds = options.growth_seconds * (3 if once else 1)
+            outcome = run_wrk(server.base_url, path, connections=1, seconds=seconds, once=once)
+            server.wait_until_idle()
+            if success is not None:
+                record(results, "growth", outcome, success, route, labels)
+        application.settle(database, work)
+
+
+def timing_uniformity(requests: int) -> str:
+    script = ROOT / "benchmarks" / "timing_uniformity.py"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--requests", str(requests)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode != 0:
+        return f"timing_uniformity.py failed: {completed.stderr.strip()[-800:]}"
+    return completed.stdout.strip()
+
+
+def describe_machine(with_postgres: bool) -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_kib = 0
+    for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+        if line.startswith("MemTotal:"):
+            memory_kib = int(line.split()[1])
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_kib / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite": databases.sqlite_version(),
+        "postgresql": databases.postgres_version() if with_postgres else "not used",
+        "wrk": wrk_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+if __name__ == "__main__":
+    main()
