@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import stat
 from collections.abc import Iterator
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from safereset import crypto
+from safereset.mail.transports import FolderTransport
 from safereset.runtime import Runtime, build
+from safereset.settings import SECRET_KEY_FILE, Settings
 from safereset.store.db import migrate
 from safereset.web.app import create_app
 from tests.conftest import make_settings
@@ -83,3 +88,29 @@ def test_digest_is_keyed_per_purpose() -> None:
     assert ring.digest("ticket", token) != ring.digest("session", token)
     assert ring.digest("ticket", token) != other.digest("ticket", token)
     assert token not in ring.digest("ticket", token)
+
+
+def test_data_files_owner_only(tmp_path: Path) -> None:
+    # The database holds password hashes and the outbox holds recovery links,
+    # so neither may be readable by other local users.
+    data_dir = tmp_path / "data"
+    settings = Settings(data_dir=data_dir, public_url="https://reset.example.test")
+    runtime = build(settings)
+    try:
+        migrate(runtime.service.engine)
+        runtime.service.add_user("alice@example.com")
+        mail = EmailMessage()
+        mail["Message-ID"] = "<permissions@example.test>"
+        mail.set_content("a message")
+        asyncio.run(FolderTransport(data_dir / "outbox").send(mail))
+
+        database = data_dir / "safereset.db"
+        files = [database, Path(f"{database}-wal"), data_dir / SECRET_KEY_FILE]
+        files += list((data_dir / "outbox").iterdir())
+        folders = [data_dir, data_dir / "outbox"]
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        for path in folders:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    finally:
+        runtime.service.engine.dispose()

@@ -40,7 +40,7 @@ class FolderTransport:
     async def send(self, message: EmailMessage) -> None:
         name = str(message["Message-ID"]).strip("<>").replace("/", "_") + ".eml"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             descriptor, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(message.as_bytes())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
                 connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS},
             )
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private_file(Path(parsed.database))
             # SQLite lets one transaction at a time hold the write lock, and every
             # transaction here takes it (see _begin_immediate). With one pooled
             # connection, the threads of this process queue for the pool and
@@ -82,11 +84,23 @@ def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
         ) from None
     except OSError as error:
         raise DatabaseError(
-            f"cannot create the folder of the SQLite database {parsed.database}: {error.strerror}"
+            f"cannot create the SQLite database {parsed.database}: {error.strerror}"
         ) from None
     event.listen(engine, "connect", _configure_sqlite)
     event.listen(engine, "begin", _begin_immediate)
     return engine
+
+
+def _create_private_file(path: Path) -> None:
+    """Create an empty database file that only its owner may read, unless it exists.
+
+    The file holds password hashes. SQLite would create it with the process
+    umask, often 0644, and it gives the -wal and -shm files the database
+    file's permissions.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _configure_sqlite(connection: Any, record: Any) -> None:
