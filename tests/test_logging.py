@@ -296,3 +296,88 @@ def test_level_filters(configure_logs: Configure) -> None:
     [record] = parse_records(stream.getvalue(), "text")
     assert record["message"] == "delivery failed"
     assert record["level"] == "WARNING"
+
+
+# Repeated warnings
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def warning_record(message: str = "request failed: %s %s", *args: object) -> logging.LogRecord:
+    arguments = args or (503, "HashingBusy")
+    return logging.LogRecord(
+        "safereset.http", logging.WARNING, __file__, 1, message, arguments, None
+    )
+
+
+def test_repeat_limit_drops_excess() -> None:
+    clock = StepClock()
+    limit = logs.RepeatLimit(limit=3, interval=1.0, clock=clock)
+
+    passed = [limit.filter(warning_record()) for _ in range(10)]
+
+    assert passed == [True] * 3 + [False] * 7
+
+
+def test_repeat_limit_reports_suppressed() -> None:
+    clock = StepClock()
+    limit = logs.RepeatLimit(limit=3, interval=1.0, clock=clock)
+    for _ in range(10):
+        limit.filter(warning_record())
+
+    clock.now += 1.0
+    later = warning_record()
+
+    assert limit.filter(later)
+    assert later.ids == {"suppressed": 7}
+    assert limit.filter(warning_record())
+
+
+def test_repeat_limit_keys_by_arguments() -> None:
+    clock = StepClock()
+    limit = logs.RepeatLimit(limit=1, interval=1.0, clock=clock)
+
+    assert limit.filter(warning_record("request failed: %s %s", 503, "HashingBusy"))
+    assert limit.filter(warning_record("request failed: %s %s", 429, "RateLimited"))
+    assert not limit.filter(warning_record("request failed: %s %s", 503, "HashingBusy"))
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.ERROR, logging.CRITICAL])
+def test_repeat_limit_passes_other_levels(level: int) -> None:
+    limit = logs.RepeatLimit(limit=1, interval=1.0, clock=StepClock())
+
+    records = [
+        logging.LogRecord("safereset.http", level, __file__, 1, "same line", None, None)
+        for _ in range(5)
+    ]
+
+    assert all(limit.filter(record) for record in records)
+
+
+def test_repeat_limit_bounds_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "MAX_REPEAT_KEYS", 50)
+    limit = logs.RepeatLimit(limit=1, interval=1.0, clock=StepClock())
+
+    for index in range(500):
+        assert limit.filter(warning_record("failed for %s", index))
+
+    assert len(limit._windows) <= 50
+
+
+def test_flood_of_warnings_limited(configure_logs: Configure) -> None:
+    stream = configure_logs("text")
+    logger = logging.getLogger("safereset.http")
+
+    for _ in range(200):
+        logger.warning("request failed: %s %s", 503, "HashingBusy")
+
+    records = parse_records(stream.getvalue(), "text")
+    # Ten per second; the loop may straddle the start of a second window.
+    assert 1 <= len(records) <= 20
+    assert all(record["message"] == "request failed: 503 HashingBusy" for record in records)

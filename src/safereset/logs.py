@@ -12,6 +12,9 @@ import json
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +24,8 @@ from safereset.crypto import TOKEN_PATTERN
 request_id: ContextVar[str | None] = ContextVar("safereset_request_id", default=None)
 
 REDACTED = "[token redacted]"
+# Distinct warnings RepeatLimit tracks before it forgets windows that ended.
+MAX_REPEAT_KEYS = 1000
 
 
 def event(logger: logging.Logger, message: str, **ids: object) -> None:
@@ -57,6 +62,58 @@ class _Scrub(logging.Filter):
         return True
 
 
+class RepeatLimit(logging.Filter):
+    """Passes at most ``limit`` equal warnings per ``interval`` seconds and counts the rest.
+
+    A flood of refused requests (rate limits, busy hashing) would otherwise
+    write one warning each, and the log would become the flood's cost. Two
+    warnings are equal when logger, message template and arguments are; the
+    request ids may differ. The first warning after a window passes carries
+    how many were dropped in it as ``suppressed``. Other levels always pass.
+    """
+
+    def __init__(
+        self,
+        limit: int = 10,
+        interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.limit = limit
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        # key -> [window start, warnings passed, warnings dropped]
+        self._windows: dict[tuple[object, ...], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        key = (record.name, str(record.msg), repr(record.args))
+        now = self.clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is None or now - window[0] >= self.interval:
+                if len(self._windows) >= MAX_REPEAT_KEYS:
+                    self._forget_before(now - self.interval)
+                if len(self._windows) >= MAX_REPEAT_KEYS:
+                    self._windows.clear()
+                self._windows[key] = [now, 1, 0]
+                if window is not None and window[2]:
+                    record.ids = {**(getattr(record, "ids", None) or {}), "suppressed": window[2]}
+                return True
+            if window[1] < self.limit:
+                window[1] += 1
+                return True
+            window[2] += 1
+            return False
+
+    def _forget_before(self, moment: float) -> None:
+        # The dropped counts of forgotten windows are lost; the cap bounds memory.
+        for key in [key for key, window in self._windows.items() if window[0] < moment]:
+            del self._windows[key]
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -90,6 +147,7 @@ class JsonFormatter(logging.Formatter):
 def configure(log_format: str = "text", level: str = "INFO") -> None:
     """Send safereset's and Uvicorn's logs to standard error in one format."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatLimit())
     handler.addFilter(_Scrub())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
