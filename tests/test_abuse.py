@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -36,7 +37,7 @@ from safereset.runtime import Runtime, build
 from safereset.store import models
 from safereset.store.db import migrate
 from safereset.throttle import Rate, RateLimited
-from safereset.usecases.base import client_network
+from safereset.usecases.base import WAITING_PER_SLOT, client_network
 from safereset.web.app import create_app
 from safereset.web.security import client_address
 from tests.conftest import FakeClock, Mailbox, free_port, make_settings
@@ -845,13 +846,128 @@ def test_hash_gate_rejects_slots(slots: int) -> None:
 
 
 def test_hash_gate_from_settings(tmp_path: Path, cheap_hasher: Hasher) -> None:
-    settings = make_settings(tmp_path, max_concurrent_hashes=1)
+    settings = make_settings(
+        tmp_path, max_concurrent_hashes=1, hash_queue_size=1, hash_wait_seconds=0.05
+    )
     runtime = build(settings, hasher=cheap_hasher)
 
     gate = runtime.service.hash_gate
+    assert gate.wait_seconds == 0.05
     with gate.slot(), pytest.raises(HashingBusy), gate.slot():
-        pass
+        pass  # the one place to wait was free, but no slot came in 0.05 s
     runtime.service.engine.dispose()
+
+
+def test_hash_gate_default_queue(tmp_path: Path, cheap_hasher: Hasher) -> None:
+    settings = make_settings(tmp_path, max_concurrent_hashes=2)
+    runtime = build(settings, hasher=cheap_hasher)
+    gate = runtime.service.hash_gate
+    holders = [gate.slot() for _ in range(2)]
+    for holder in holders:
+        holder.__enter__()
+    try:
+        waiters = [WaitingHash(gate) for _ in range(WAITING_PER_SLOT * 2)]
+        wait_until_busy(gate)
+
+        with pytest.raises(HashingBusy):
+            gate.check_free()
+    finally:
+        for holder in holders:
+            holder.__exit__(None, None, None)
+    for waiter in waiters:
+        waiter.join()
+    assert [waiter.outcome for waiter in waiters] == ["hashed"] * len(waiters)
+    runtime.service.engine.dispose()
+
+
+class WaitingHash:
+    """A thread that takes a slot of ``gate``, waiting for one if it must."""
+
+    def __init__(self, gate: HashGate) -> None:
+        self.outcome = "not done"
+        self.thread = threading.Thread(target=self._run, args=(gate,), daemon=True)
+        self.thread.start()
+
+    def _run(self, gate: HashGate) -> None:
+        try:
+            with gate.slot():
+                self.outcome = "hashed"
+        except HashingBusy:
+            self.outcome = "busy"
+
+    def join(self) -> None:
+        self.thread.join(timeout=30)
+
+
+def wait_until_busy(gate: HashGate) -> None:
+    """Wait until every slot and every place to wait of ``gate`` is taken."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            gate.check_free()
+        except HashingBusy:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the waiting threads never filled the queue")
+
+
+@pytest.mark.threat("T21")
+def test_hash_gate_queue_waits() -> None:
+    gate = HashGate(1, waiting=1, wait_seconds=30)
+
+    with gate.slot():
+        waiter = WaitingHash(gate)
+        wait_until_busy(gate)
+        # The queue is full: a third request is turned away at once.
+        with pytest.raises(HashingBusy), gate.slot():
+            pass
+    waiter.join()
+
+    assert waiter.outcome == "hashed"
+
+
+def test_hash_gate_wait_runs_out() -> None:
+    gate = HashGate(1, waiting=1, wait_seconds=0.05)
+
+    with gate.slot():
+        waiter = WaitingHash(gate)
+        waiter.join()
+
+    assert waiter.outcome == "busy"
+    with gate.slot():
+        pass  # the waiting place and the slot are free again
+
+
+@pytest.mark.parametrize(
+    ("waiting", "wait_seconds", "message"),
+    [(-1, 1.0, "at least 0"), (1, 0.0, "must be positive")],
+)
+def test_hash_gate_rejects_queue(waiting: int, wait_seconds: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        HashGate(1, waiting, wait_seconds)
+
+
+def test_queued_login_succeeds(
+    runtime: Runtime,
+    client: TestClient,
+    blocking_hasher: BlockingHasher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A login that finds the one slot taken waits in the queue instead of
+    # getting 503, and logs in once the slot is free.
+    monkeypatch.setattr(runtime.service, "hash_gate", HashGate(1, waiting=1, wait_seconds=30))
+    runtime.service.add_user(ALICE, OLD_PASSWORD)
+    queued: list[Any] = []
+
+    with slot_held(client, blocking_hasher):
+        waiting = threading.Thread(
+            target=lambda: queued.append(log_in(client, ALICE, OLD_PASSWORD)), daemon=True
+        )
+        waiting.start()
+        wait_until_busy(runtime.service.hash_gate)
+    waiting.join(timeout=30)
+
+    assert [response.status_code for response in queued] == [201]
 
 
 @pytest.mark.parametrize(

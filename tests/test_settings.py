@@ -116,6 +116,10 @@ def test_mail_url_accepted(monkeypatch: pytest.MonkeyPatch, mail_url: str) -> No
         ("SAFERESET_MAIL_FROM", "garbage"),
         ("SAFERESET_MAIL_FROM", "safereset <@example.test>"),
         ("SAFERESET_MAIL_LEASE_SECONDS", "30"),
+        ("SAFERESET_HASH_QUEUE_SIZE", "-1"),
+        ("SAFERESET_HASH_QUEUE_SIZE", "many"),
+        ("SAFERESET_HASH_WAIT_SECONDS", "0"),
+        ("SAFERESET_HASH_WAIT_SECONDS", "31"),
     ],
 )
 def test_invalid_value_names_variable(

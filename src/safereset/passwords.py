@@ -41,41 +41,64 @@ def fold(text: str) -> str:
 
 
 class HashingBusy(Exception):
-    """Every hashing slot is taken, so the caller should respond 503 and retry later."""
+    """No hashing slot came free in time, so the caller should respond 503 and retry later."""
 
 
 class HashGate:
-    """Bounds how many Argon2id computations run at once.
+    """Bounds how many Argon2id computations run at once, and how many wait for one.
 
-    Each one takes 64 MiB and about 0.1 s of a core, so an unbounded number of
-    password requests would exhaust memory and delay everything else. A
-    request that finds every slot taken fails at once with ``HashingBusy``
-    instead of queueing without limit.
+    Each computation takes 64 MiB and about 0.1 s of a core, so an unbounded
+    number of password requests would exhaust memory and delay everything
+    else. A request that finds every slot taken waits up to ``wait_seconds``
+    for one, if fewer than ``waiting`` requests wait already. Otherwise, or
+    when the wait runs out, it fails with ``HashingBusy``. A short queue
+    absorbs a burst that would only have to come back a second later, and
+    the limit on it keeps a flood from tying up the server's threads.
     """
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, waiting: int = 0, wait_seconds: float = 2.0) -> None:
         if slots < 1:
             raise ValueError(f"hashing slots must be at least 1, got {slots}")
+        if waiting < 0:
+            raise ValueError(f"waiting requests must be at least 0, got {waiting}")
+        if wait_seconds <= 0:
+            raise ValueError(f"the wait for a slot must be positive, got {wait_seconds}")
         self._slots = threading.BoundedSemaphore(slots)
+        self._waiting = threading.BoundedSemaphore(waiting) if waiting else None
+        self.wait_seconds = wait_seconds
 
     def check_free(self) -> None:
-        """Raise ``HashingBusy`` if every slot is taken at this moment.
+        """Raise ``HashingBusy`` if every slot and every place to wait is taken now.
 
         Callers check before their database work, so that a request which
-        would be turned away costs no queries. It reserves nothing: a slot
+        would be turned away costs no queries. It reserves nothing: a place
         free now may be taken by the time the caller hashes.
         """
-        with self.slot():
-            pass
+        if self._slots.acquire(blocking=False):
+            self._slots.release()
+            return
+        if self._waiting is not None and self._waiting.acquire(blocking=False):
+            self._waiting.release()
+            return
+        raise HashingBusy
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
         if not self._slots.acquire(blocking=False):
-            raise HashingBusy
+            self._wait_for_slot()
         try:
             yield
         finally:
             self._slots.release()
+
+    def _wait_for_slot(self) -> None:
+        if self._waiting is None or not self._waiting.acquire(blocking=False):
+            raise HashingBusy
+        try:
+            if not self._slots.acquire(timeout=self.wait_seconds):
+                raise HashingBusy
+        finally:
+            self._waiting.release()
 
 
 class Hasher:

@@ -57,6 +57,8 @@ def build(
         limits=settings.limits,
         hasher=hasher,
         hashing_slots=settings.max_concurrent_hashes or None,
+        hashing_queue=settings.hash_queue_size,
+        hashing_wait=settings.hash_wait_seconds,
         clock=clock,
     )
     lease = timedelta(seconds=settings.mail_lease_seconds)

@@ -70,6 +70,15 @@ class Settings(BaseSettings):
     max_concurrent_hashes: int = Field(
         default=0, ge=0, le=1024, description="Argon2id computations at once; 0: one per core."
     )
+    hash_queue_size: int | None = Field(
+        default=None,
+        ge=0,
+        le=4096,
+        description="Requests that may wait for a hashing slot; default four per slot, 0: none.",
+    )
+    hash_wait_seconds: float = Field(
+        default=2.0, gt=0, le=30, description="How long a request waits for a hashing slot."
+    )
     trusted_proxies: str = Field(
         default="",
         description="Comma-separated addresses or networks whose X-Forwarded-For is believed.",

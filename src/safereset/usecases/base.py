@@ -42,6 +42,9 @@ CODE_PURPOSE = "code"
 CLIENT_PURPOSE = "client"
 # Recorded for requests that came with no client address (library calls).
 NO_CLIENT = "none"
+# Requests that may wait for a busy hashing slot, per slot, unless configured.
+# Four keep the wait near half a second at about 0.1 s per hash.
+WAITING_PER_SLOT = 4
 
 
 def client_network(client: str | None) -> str | None:
@@ -76,6 +79,8 @@ class ServiceBase:
         limits: throttle.Limits | None = None,
         hasher: Hasher | None = None,
         hashing_slots: int | None = None,
+        hashing_queue: int | None = None,
+        hashing_wait: float = 2.0,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.engine = engine
@@ -86,7 +91,9 @@ class ServiceBase:
         self.code_ttl = code_ttl
         self.limits = limits or throttle.Limits()
         self.hasher = hasher or Hasher()
-        self.hash_gate = HashGate(hashing_slots or os.cpu_count() or 1)
+        slots = hashing_slots or os.cpu_count() or 1
+        waiting = WAITING_PER_SLOT * slots if hashing_queue is None else hashing_queue
+        self.hash_gate = HashGate(slots, waiting, hashing_wait)
         self.clock = clock
 
     def _transaction(self) -> DbSession:
