@@ -11,7 +11,8 @@ benchmarks/README.md. The phases, in order:
    SQLite and on PostgreSQL, driven by wrk at several concurrency levels on
    three routes: ask for recovery, complete a reset, log in.
 3. Growth: safereset's latency on the same routes with 10^3, 10^5 and 10^6
-   accounts and as many outstanding tickets, on both databases.
+   accounts and as many outstanding tickets, on both databases, and the
+   peers' latency of asking for recovery and logging in at the same sizes.
 4. Timing uniformity of the recovery request (benchmarks/timing_uniformity.py).
 
 Raw figures go to benchmarks/.results/results.json; the report is rendered
@@ -35,8 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from benchkit import argon, databases, population, report
-from benchkit.apps import APPLICATIONS, PASSWORD, Application, Safereset
+from benchkit.apps import (
+    APPLICATIONS,
+    PASSWORD,
+    PEER_APPLICATIONS,
+    PRODUCTS,
+    Application,
+    Safereset,
+)
 from benchkit.load import HttpRequest, LoadResult, run_wrk, write_requests, wrk_version
+from benchkit.servers import Server
 
 from safereset.passwords import Hasher
 from safereset.store.db import migrate
@@ -54,6 +63,7 @@ HASHING_LEVELS = (1, 2, 8)
 # a login changes Django's reset tokens (they cover the last login time), and a
 # new recovery request supersedes safereset's earlier tickets.
 LOGIN_ACCOUNTS = range(1000, 3000)
+FLOOD_CONNECTIONS = 8
 REQUEST_FIRST = 3000
 
 
@@ -124,6 +134,7 @@ def main() -> None:
         "options": asdict(options),
         "skipped": [],
         "load": [],
+        "flood": [],
         "memory": [],
         "settle": [],
         "growth": [],
@@ -138,8 +149,8 @@ def main() -> None:
     for application in APPLICATIONS:
         application.prepare()
     results["machine"] = describe_machine("postgresql" in backends)
-    results["versions"] = {app.label: app.versions() for app in APPLICATIONS}
-    results["routes"] = {app.label: app.routes for app in APPLICATIONS}
+    results["versions"] = {app.label: app.versions() for app in PRODUCTS}
+    results["routes"] = {app.label: app.routes for app in PRODUCTS}
 
     print("phase 1: Argon2id alone", flush=True)
     results["argon2"] = argon.measure(options.argon_seconds)
@@ -154,6 +165,10 @@ def main() -> None:
             for backend in backends:
                 print(f"phase 3: growth on {backend}", flush=True)
                 growth_phase(backend, options, work, results)
+            for backend in backends:
+                for peer in PEER_APPLICATIONS:
+                    print(f"phase 3: growth of {peer.label} on {backend}", flush=True)
+                    peer_growth_phase(peer, backend, options, work, results)
 
     print("phase 4: timing uniformity", flush=True)
     results["timing"] = timing_uniformity(options.timing_requests)
@@ -172,7 +187,6 @@ def record(
     success: int,
     route: str,
     labels: dict[str, Any],
-    **extra: Any,
 ) -> None:
     """Keep one run's figures and print them.
 
@@ -181,7 +195,6 @@ def record(
     """
     row = {
         **labels,
-        **extra,
         "route": route,
         **asdict(outcome),
         "success": outcome.count([success]),
@@ -206,72 +219,122 @@ def load_phase(
     work: Path,
     results: dict[str, Any],
 ) -> None:
-    """Seed a fresh database, start one server and drive the three routes at each level."""
+    """Seed a fresh database, start one server and drive each route at each level."""
     if options.users < REQUEST_FIRST + 1000:
         raise SystemExit(f"at least {REQUEST_FIRST + 1000} accounts are needed")
     tokens = options.tokens_per_run * len(HASHING_LEVELS)
     if tokens > LOGIN_ACCOUNTS.start:
         raise SystemExit(f"at most {LOGIN_ACCOUNTS.start} reset tokens fit below the logins")
+    if "complete" not in application.measured:
+        tokens = 0
     database = databases.fresh(backend, f"bench_{application.name}", work)
-    completions = application.seed(database, options.users, tokens, work)
-    requests = [
-        application.recovery_request(population.email_of(index))
-        for index in range(REQUEST_FIRST, options.users)
-    ]
-    logins = [
-        application.login_request(population.email_of(index), PASSWORD) for index in LOGIN_ACCOUNTS
-    ]
-    warm_up = [
-        application.recovery_request(f"warm-up{index}@bench.example") for index in range(200)
-    ]
-    labels = {"backend": backend, "app": application.label}
-    files = work / "requests"
-    files.mkdir(exist_ok=True)
-
-    def replay(name: str, lines: list[HttpRequest], connections: int, once: bool) -> LoadResult:
-        path = files / f"{name}.txt"
-        write_requests(path, lines)
-        outcome = run_wrk(
-            server.base_url, path, connections=connections, seconds=options.seconds, once=once
-        )
-        server.wait_until_idle()
-        return outcome
-
     try:
+        completions = application.seed(database, options.users, tokens, work)
         with application.server(database, work) as server:
-            start_mib = server.peak_rss_mib()
-            replay("warm-up", warm_up, 2, once=False)
+            run = LoadRun(application, database, server, options, work, results, backend)
+            start_mib = server.rss_mib()
+            warm_up = [
+                application.recovery_request(f"warm-up{index}@bench.example")
+                for index in range(200)
+            ]
+            run.replay("warm-up", warm_up, 2, once=False, polite=False)
             application.settle(database, work)
-
-            for connections in REQUEST_LEVELS:
-                outcome = replay("request", requests, connections, once=False)
-                record(results, "load", outcome, application.success.request, "request", labels)
-                waited = application.settle(database, work)
-                results["settle"].append({**labels, "connections": connections, "seconds": waited})
-
-            for number, connections in enumerate(HASHING_LEVELS):
-                share = completions[number * options.tokens_per_run :][: options.tokens_per_run]
-                outcome = replay("complete", share, connections, once=True)
-                record(
-                    results,
-                    "load",
-                    outcome,
-                    application.success.complete,
-                    "complete",
-                    labels,
-                    tokens=len(share),
-                )
-                application.settle(database, work)
-
-            for connections in HASHING_LEVELS:
-                outcome = replay("login", logins, connections, once=False)
-                record(results, "load", outcome, application.success.login, "login", labels)
-
+            if "request" in application.measured:
+                run.drive_requests()
+            if "complete" in application.measured:
+                run.drive_completions(completions)
+            if "login" in application.measured:
+                run.drive_logins()
             results["memory"].append(
-                {**labels, "start_mib": start_mib, "peak_mib": server.peak_rss_mib()}
+                {**run.labels, "start_mib": start_mib, "peak_mib": server.peak_rss_mib()}
             )
     finally:
         databases.drop(database)
+
+
+class LoadRun:
+    """The load runs against one running server."""
+
+    def __init__(
+        self,
+        application: Application,
+        database: databases.Database,
+        server: Server,
+        options: Options,
+        work: Path,
+        results: dict[str, Any],
+        backend: str,
+    ) -> None:
+        self.application = application
+        self.database = database
+        self.server = server
+        self.options = options
+        self.work = work
+        self.results = results
+        self.labels = {"backend": backend, "app": application.label}
+        self.files = work / "requests"
+        self.files.mkdir(exist_ok=True)
+
+    def replay(
+        self, name: str, lines: list[HttpRequest], connections: int, once: bool, polite: bool
+    ) -> LoadResult:
+        """Run wrk over ``lines``, then wait until the server has no backlog left."""
+        path = self.files / f"{name}.txt"
+        write_requests(path, lines)
+        outcome = run_wrk(
+            self.server.base_url,
+            path,
+            connections=connections,
+            seconds=self.options.seconds,
+            once=once,
+            honour_retry_after=polite,
+        )
+        self.server.wait_until_idle()
+        return outcome
+
+    def drive_requests(self) -> None:
+        application = self.application
+        requests = [
+            application.recovery_request(population.email_of(index))
+            for index in range(REQUEST_FIRST, self.options.users)
+        ]
+        for connections in REQUEST_LEVELS:
+            outcome = self.replay("request", requests, connections, once=False, polite=False)
+            record(
+                self.results, "load", outcome, application.success.request, "request", self.labels
+            )
+            waited = application.settle(self.database, self.work)
+            self.results["settle"].append(
+                {**self.labels, "connections": connections, "seconds": waited}
+            )
+
+    def drive_completions(self, completions: list[HttpRequest]) -> None:
+        per_run = self.options.tokens_per_run
+        for number, connections in enumerate(HASHING_LEVELS):
+            share = completions[number * per_run :][:per_run]
+            outcome = self.replay("complete", share, connections, once=True, polite=True)
+            record(
+                self.results,
+                "load",
+                outcome,
+                self.application.success.complete,
+                "complete",
+                self.labels,
+            )
+            self.application.settle(self.database, self.work)
+
+    def drive_logins(self) -> None:
+        application = self.application
+        logins = [
+            application.login_request(population.email_of(index), PASSWORD)
+            for index in LOGIN_ACCOUNTS
+        ]
+        for connections in HASHING_LEVELS:
+            outcome = self.replay("login", logins, connections, once=False, polite=True)
+            record(self.results, "load", outcome, application.success.login, "login", self.labels)
+        # A flood: clients that send again at once after a 503.
+        outcome = self.replay("login", logins, FLOOD_CONNECTIONS, once=False, polite=False)
+        record(self.results, "flood", outcome, application.success.login, "login", self.labels)
 
 
 def growth_phase(backend: str, options: Options, work: Path, results: dict[str, Any]) -> None:
@@ -295,7 +358,12 @@ def growth_phase(backend: str, options: Options, work: Path, results: dict[str, 
                 runtime, range(issued, issued + options.growth_tokens)
             )
             issued += options.growth_tokens
-            labels = {"backend": backend, "populate_seconds": populate_seconds, **counts}
+            labels = {
+                "backend": backend,
+                "app": application.label,
+                "populate_seconds": populate_seconds,
+                **counts,
+            }
             measure_growth(application, database, options, work, results, completions, labels)
     finally:
         runtime.service.engine.dispose()
@@ -340,6 +408,60 @@ def measure_growth(
             if success is not None:
                 record(results, "growth", outcome, success, route, labels)
         application.settle(database, work)
+
+
+def peer_growth_phase(
+    application: Application,
+    backend: str,
+    options: Options,
+    work: Path,
+    results: dict[str, Any],
+) -> None:
+    """Measure a peer's request and login routes, one at a time, at each size.
+
+    Completing a reset is left out: the peers' tokens are stateless, so no
+    table of outstanding tickets grows.
+    """
+    for size in options.sizes:
+        database = databases.fresh(backend, f"bench_growth_{application.name}", work)
+        try:
+            started = time.perf_counter()
+            application.seed(database, size, 0, work)
+            labels = {
+                "backend": backend,
+                "app": application.label,
+                "accounts": size,
+                "outstanding_tickets": 0,
+                "populate_seconds": time.perf_counter() - started,
+            }
+            print(f"  {size} accounts (seeded in {labels['populate_seconds']:.1f} s)", flush=True)
+            logins = [
+                application.login_request(population.email_of(index), PASSWORD)
+                for index in range(max(size - 500, 0), size)
+            ]
+            requests = [
+                application.recovery_request(population.email_of(index))
+                for index in range(size // 2, min(size // 2 + 1000, size))
+            ]
+            runs = (
+                ("login", logins, application.success.login),
+                ("request", requests, application.success.request),
+            )
+            with application.server(database, work) as server:
+                for route, lines, success in runs:
+                    path = work / f"peer-growth-{route}.txt"
+                    write_requests(path, lines)
+                    outcome = run_wrk(
+                        server.base_url,
+                        path,
+                        connections=1,
+                        seconds=options.growth_seconds,
+                        once=False,
+                    )
+                    server.wait_until_idle()
+                    record(results, "growth", outcome, success, route, labels)
+        finally:
+            databases.drop(database)
 
 
 def timing_uniformity(requests: int) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,6 +50,7 @@ LIMITS = (
     "limit_mail_per_account",
 )
 SETTLE_TIMEOUT = 300.0
+SAFERESET_COMMAND = Path(sys.executable).with_name("safereset")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Application:
     label: str
     success: Statuses
     routes: dict[str, str]
+    # The routes the load phase drives; a variant may measure fewer.
+    measured: tuple[str, ...] = ("request", "complete", "login")
 
     def prepare(self) -> None:
         """Install what the application needs to run."""
@@ -133,16 +138,19 @@ class Safereset(Application):
             )
         return completions
 
-    @contextlib.contextmanager
-    def server(self, database: Database, work: Path) -> Iterator[Server]:
-        port = free_port()
+    def environment(self, database: Database, work: Path, port: int) -> dict[str, str]:
         settings = self.settings(database, work, port)
-        environment = {
+        return {
             f"SAFERESET_{name.upper()}": str(value)
             for name, value in settings.model_dump().items()
             if name in settings.model_fields_set
         }
-        command = [str(Path(sys.executable).with_name("safereset")), "serve", "--port", str(port)]
+
+    @contextlib.contextmanager
+    def server(self, database: Database, work: Path) -> Iterator[Server]:
+        port = free_port()
+        command = [str(SAFERESET_COMMAND), "serve", "--port", str(port)]
+        environment = self.environment(database, work, port)
         with running(command, environment, port, work / "safereset.log") as server:
             yield server
 
@@ -181,6 +189,41 @@ class Safereset(Application):
             return time.perf_counter() - started
         finally:
             runtime.service.engine.dispose()
+
+
+class SafeResetSeparateWorker(Safereset):
+    """safereset with its worker in a second process: ``serve --no-worker`` and ``worker``.
+
+    Only the request route is measured: it is the one whose work the worker
+    does after the answer.
+    """
+
+    name = "safereset_separate_worker"
+    label = "safereset, separate worker"
+    measured = ("request",)
+
+    @contextlib.contextmanager
+    def server(self, database: Database, work: Path) -> Iterator[Server]:
+        port = free_port()
+        environment = {**os.environ, **self.environment(database, work, port)}
+        with (work / "safereset-worker.log").open("ab") as log:
+            worker = subprocess.Popen(
+                [str(SAFERESET_COMMAND), "worker"],
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            command = [str(SAFERESET_COMMAND), "serve", "--no-worker", "--port", str(port)]
+            with running(command, environment, port, work / "safereset.log") as server:
+                yield server
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 class Peer(Application):
@@ -310,4 +353,11 @@ class FastapiUsers(Peer):
         return form_post("/auth/jwt/login", f"username={quote(email)}&password={quote(password)}")
 
 
-APPLICATIONS: tuple[Application, ...] = (Safereset(), Django(), FastapiUsers())
+PEER_APPLICATIONS: tuple[Application, ...] = (Django(), FastapiUsers())
+# Each product once, for versions and routes in the report.
+PRODUCTS: tuple[Application, ...] = (Safereset(), *PEER_APPLICATIONS)
+APPLICATIONS: tuple[Application, ...] = (
+    PRODUCTS[0],
+    SafeResetSeparateWorker(),
+    *PEER_APPLICATIONS,
+)

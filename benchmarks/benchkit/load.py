@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterable
@@ -87,11 +88,14 @@ def run_wrk(
     connections: int,
     seconds: float,
     once: bool,
+    honour_retry_after: bool = False,
 ) -> LoadResult:
     """Send the requests of ``requests_file`` over ``connections`` keep-alive connections.
 
-    With ``once`` every line is sent at most one time, and a connection stops
-    after its share; without it the lines repeat until ``seconds`` pass.
+    With ``once`` every line is sent at most one time (a 503 sends it again),
+    and a connection stops after its share; without it the lines repeat until
+    ``seconds`` pass. With ``honour_retry_after`` a connection that gets 503
+    waits for the time its Retry-After header gives.
     """
     command = [
         "wrk",
@@ -106,7 +110,10 @@ def run_wrk(
         str(connections),
         "once" if once else "loop",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    environment = {**os.environ, "REPLAY_HONOUR_RETRY_AFTER": "1" if honour_retry_after else "0"}
+    completed = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment
+    )
     for line in completed.stdout.splitlines():
         if line.startswith("WRK_RESULT "):
             figures = json.loads(line.removeprefix("WRK_RESULT "))

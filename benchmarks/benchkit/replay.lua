@@ -8,6 +8,11 @@
 -- sends the same line again); with "loop" it starts over. done() prints one line starting with WRK_RESULT and holding
 -- JSON: counts, errors, latency percentiles, responses per status code, and
 -- how many threads ran out of lines.
+--
+-- With the environment variable REPLAY_HONOUR_RETRY_AFTER=1, a connection
+-- that gets 503 waits as long as its Retry-After header says before it sends
+-- again, as a well-behaved client does. Without it, delay() stays undefined,
+-- because wrk then puts every request through a timer.
 
 local threads = {}
 local created = 0
@@ -69,13 +74,26 @@ function request()
   return prepared[position]
 end
 
+if os.getenv("REPLAY_HONOUR_RETRY_AFTER") == "1" then
+  pause = 0
+
+  function delay()
+    local milliseconds = pause
+    pause = 0
+    return milliseconds
+  end
+end
+
 function response(status, headers, body)
   local key = tostring(status)
   statuses[key] = (statuses[key] or 0) + 1
+  if status == 503 and pause ~= nil then
+    pause = 1000 * (tonumber(headers["Retry-After"]) or 1)
+  end
   if once then
     if status == 503 then
       -- Every hashing slot was busy and the token is still unused: send it
-      -- again, as a client honouring Retry-After would, only sooner.
+      -- again.
       position = position - 1
     elseif position >= #prepared then
       finished = 1

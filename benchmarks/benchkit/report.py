@@ -40,6 +40,7 @@ def render(results: dict[str, Any]) -> list[str]:
     lines += method_section(results)
     lines += load_section(results)
     lines += ratio_section(results)
+    lines += flood_section(results)
     lines += argon_section(results)
     lines += growth_section(results)
     lines += memory_section(results)
@@ -118,14 +119,21 @@ def method_section(results: dict[str, Any]) -> list[str]:
         "earlier tickets.",
         f"- Completing a reset uses a one-time token per request, {options['tokens_per_run']} "
         "per run, made by each application's own code before the server starts. A run "
-        "ends when its tokens are used up or its time is over. A 503 answer leaves the "
-        "token unused, and wrk sends it again.",
+        "ends when its tokens are used up or its time is over; ok/s marked ≥ comes from "
+        "a run that used up its tokens early, and is a lower bound.",
+        "- On the two hashing routes (complete and login), a connection that gets 503 "
+        "waits as long as its `Retry-After` header says before it sends again, as a "
+        "well-behaved client does. A 503 leaves a reset token unused, so the same one is "
+        "sent again. The flood table below shows clients that do not wait.",
         "- safereset's rate limits are lifted (every bucket allows 10⁹ per day), so the "
         "limit checks run but never refuse. The peers have no rate limits.",
         "- safereset resolves recovery requests and sends mail in a worker inside the same "
         "process. After each run of the request route, the harness waits until that "
         "worker has caught up (see the mail backlog below). The peers send mail inside "
         "the request. All three write mail to files.",
+        "- **safereset, separate worker** is the same server started with `safereset serve "
+        "--no-worker` beside a `safereset worker` process, on the same two cores; only its "
+        "request route is measured.",
         "",
     ]
     rows = [
@@ -143,8 +151,22 @@ def rows_of(results: dict[str, Any], **wanted: Any) -> list[dict[str, Any]]:
     ]
 
 
+def own_apps(results: dict[str, Any]) -> list[str]:
+    """Return safereset and its variants (such as a separate worker process)."""
+    labels = dict.fromkeys(row["app"] for row in results["load"])
+    return [label for label in labels if label.startswith(SUBJECT)]
+
+
 def backends(results: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(row["backend"] for row in results["load"]))
+
+
+def own_rows(results: dict[str, Any], backend: str, route: str) -> list[dict[str, Any]]:
+    return [
+        row
+        for app in own_apps(results)
+        for row in rows_of(results, backend=backend, route=route, app=app)
+    ]
 
 
 def load_section(results: dict[str, Any]) -> list[str]:
@@ -194,8 +216,8 @@ def ratio_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for backend in backends(results):
         for route in ROUTES:
-            for own in rows_of(results, backend=backend, route=route, app=SUBJECT):
-                cells: list[Any] = [backend, route, own["connections"]]
+            for own in own_rows(results, backend, route):
+                cells: list[Any] = [own["app"], backend, route, own["connections"]]
                 for peer in PEERS:
                     match = rows_of(
                         results,
@@ -214,10 +236,38 @@ def ratio_section(results: dict[str, Any]) -> list[str]:
                         ratio(divide(own["p99_ms"], other["p99_ms"])),
                     ]
                 rows.append(cells)
-    header = ["backend", "route", "connections"]
+    header = ["app", "backend", "route", "connections"]
     for peer in PEERS:
         header += [f"ok/s ÷ {peer}", f"p50 ÷ {peer}", f"p99 ÷ {peer}"]
     return lines + table(header, rows)
+
+
+def flood_section(results: dict[str, Any]) -> list[str]:
+    if not results.get("flood"):
+        return []
+    lines = [
+        "## Flood",
+        "",
+        f"Log in over {results['flood'][0]['connections']} connections whose clients "
+        "ignore `Retry-After` and send again at once after a 503. The peers never answer "
+        "503, so for them this repeats the last login run.",
+        "",
+    ]
+    rows = [
+        (
+            row["backend"],
+            row["app"],
+            number(row["requests"] / row["seconds"] if row["seconds"] else 0),
+            number(success_rate(row)),
+            number(row["p50_ms"]),
+            number(row["p99_ms"]),
+            other_answers(row),
+        )
+        for row in results["flood"]
+    ]
+    return lines + table(
+        ["backend", "app", "req/s", "ok/s", "p50 ms", "p99 ms", "other answers"], rows
+    )
 
 
 def argon_section(results: dict[str, Any]) -> list[str]:
@@ -251,81 +301,95 @@ def argon_section(results: dict[str, Any]) -> list[str]:
     return lines + table(["backend", "app", "resets/s", "at connections", "÷ raw hashes/s"], rows)
 
 
-def growth_section(results: dict[str, Any]) -> list[str]:
-    if not results["growth"]:
-        return ["## Growth", "", "Not measured in this run (`--skip-growth`).", ""]
-    lines = [
-        "## Growth",
-        "",
-        "safereset alone, one connection, on a database holding the given number of "
-        "accounts and as many outstanding (issued, unused) tickets. Accounts and tickets "
-        "are inserted in bulk with the rows the service writes, then the planner's "
-        "statistics are refreshed with ANALYZE, as autovacuum would do.",
-        "",
-    ]
-    rows = [
-        (
-            row["backend"],
-            f"{row['accounts']:,}",
-            f"{row['outstanding_tickets']:,}",
+def growth_app(row: dict[str, Any]) -> str:
+    return str(row.get("app", SUBJECT))
+
+
+def growth_table(rows: list[dict[str, Any]], with_tickets: bool) -> list[str]:
+    header = ["backend", "accounts"]
+    header += ["outstanding tickets"] if with_tickets else []
+    header += ["route", "requests", "p50 ms", "p90 ms", "p99 ms"]
+    cells = []
+    for row in rows:
+        line = [row["backend"], f"{row['accounts']:,}"]
+        line += [f"{row['outstanding_tickets']:,}"] if with_tickets else []
+        line += [
             row["route"],
             row["success"],
             number(row["p50_ms"], 2),
             number(row["p90_ms"], 2),
             number(row["p99_ms"], 2),
-        )
-        for row in results["growth"]
+        ]
+        cells.append(line)
+    return table(header, cells)
+
+
+def growth_section(results: dict[str, Any]) -> list[str]:
+    if not results["growth"]:
+        return ["## Growth", "", "Not measured in this run (`--skip-growth`).", ""]
+    own = [row for row in results["growth"] if growth_app(row) == SUBJECT]
+    peers = [row for row in results["growth"] if growth_app(row) != SUBJECT]
+    lines = [
+        "## Growth",
+        "",
+        "One connection, on a database holding the given number of accounts. For "
+        "safereset the database also holds as many outstanding (issued, unused) tickets. "
+        "Its accounts and tickets are inserted in bulk with the rows the service writes, "
+        "then the planner's statistics are refreshed with ANALYZE, as autovacuum would do.",
+        "",
+        *growth_table(own, with_tickets=True),
     ]
-    lines += table(
-        [
-            "backend",
-            "accounts",
-            "outstanding tickets",
-            "route",
-            "requests",
-            "p50 ms",
-            "p90 ms",
-            "p99 ms",
-        ],
-        rows,
-    )
+    if peers:
+        lines += [
+            "The peers at the same sizes, each seeded by its own seed command. Their reset "
+            "tokens are stateless, so only the request and login routes are measured.",
+            "",
+        ]
+        for app in dict.fromkeys(growth_app(row) for row in peers):
+            lines += [f"**{app}**", ""]
+            lines += growth_table([row for row in peers if growth_app(row) == app], False)
     lines += ["Median latency at the largest size divided by the median at the smallest:", ""]
     flat_rows = []
-    for backend in dict.fromkeys(row["backend"] for row in results["growth"]):
-        for route in ROUTES:
-            series = [
-                row
-                for row in results["growth"]
-                if row["backend"] == backend and row["route"] == route
-            ]
-            if len(series) < 2:
-                continue
-            smallest = min(series, key=lambda row: row["accounts"])
-            largest = max(series, key=lambda row: row["accounts"])
-            flat_rows.append(
-                (
-                    backend,
-                    route,
-                    f"{smallest['accounts']:,} → {largest['accounts']:,}",
-                    ratio(divide(largest["p50_ms"], smallest["p50_ms"])),
+    for app in dict.fromkeys(growth_app(row) for row in results["growth"]):
+        for backend in dict.fromkeys(row["backend"] for row in results["growth"]):
+            for route in ROUTES:
+                series = [
+                    row
+                    for row in results["growth"]
+                    if growth_app(row) == app
+                    and row["backend"] == backend
+                    and row["route"] == route
+                ]
+                if len(series) < 2:
+                    continue
+                smallest = min(series, key=lambda row: row["accounts"])
+                largest = max(series, key=lambda row: row["accounts"])
+                flat_rows.append(
+                    (
+                        app,
+                        backend,
+                        route,
+                        f"{smallest['accounts']:,} → {largest['accounts']:,}",
+                        ratio(divide(largest["p50_ms"], smallest["p50_ms"])),
+                    )
                 )
-            )
-    lines += table(["backend", "route", "accounts", "p50 ratio"], flat_rows)
+    lines += table(["app", "backend", "route", "accounts", "p50 ratio"], flat_rows)
     populate = [
         f"{row['accounts']:,} accounts on {row['backend']} in {row['populate_seconds']:.0f} s"
-        for row in results["growth"]
+        for row in own
         if row["route"] == "complete"
     ]
-    return [*lines, "Bulk inserts, cumulative per step: " + "; ".join(populate) + ".", ""]
+    return [*lines, "safereset's bulk inserts, cumulative: " + "; ".join(populate) + ".", ""]
 
 
 def memory_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## Memory",
         "",
-        "Resident set size of the one server process: after start-up, and its peak "
-        "(VmHWM) at the end of all load runs above. Every Argon2id computation in flight "
-        "takes 64 MiB.",
+        "Resident set size of the one server process: after start-up (VmRSS), and its "
+        "peak (VmHWM) at the end of all load runs above. Every Argon2id computation in flight "
+        "takes 64 MiB. For safereset with a separate worker, only the server process is "
+        "counted.",
         "",
     ]
     rows = [
@@ -337,9 +401,9 @@ def memory_section(results: dict[str, Any]) -> list[str]:
 
 def settle_section(results: dict[str, Any]) -> list[str]:
     rows = [
-        (row["backend"], row["connections"], number(row["seconds"]))
+        (row["app"], row["backend"], row["connections"], number(row["seconds"]))
         for row in results["settle"]
-        if row["app"] == SUBJECT
+        if row["app"].startswith(SUBJECT)
     ]
     lines = [
         "## Mail backlog",
@@ -350,7 +414,7 @@ def settle_section(results: dict[str, Any]) -> list[str]:
         "every mail.",
         "",
     ]
-    return lines + table(["backend", "connections of the run", "seconds to catch up"], rows)
+    return lines + table(["app", "backend", "connections of the run", "seconds to catch up"], rows)
 
 
 def timing_section(results: dict[str, Any]) -> list[str]:
@@ -372,7 +436,7 @@ def slower_section(results: dict[str, Any]) -> list[str]:
     findings = []
     for backend in backends(results):
         for route in ROUTES:
-            for own in rows_of(results, backend=backend, route=route, app=SUBJECT):
+            for own in own_rows(results, backend, route):
                 for peer in PEERS:
                     match = rows_of(
                         results,
@@ -386,7 +450,8 @@ def slower_section(results: dict[str, Any]) -> list[str]:
                     share = divide(success_rate(own), success_rate(match[0]))
                     if share is not None and share < SLOWER_BELOW:
                         findings.append(
-                            f"- {route} on {backend} with {own['connections']} connection(s): "
+                            f"- {own['app']}, {route} on {backend} with "
+                            f"{own['connections']} connection(s): "
                             f"{number(success_rate(own))} ok/s against {peer}'s "
                             f"{number(success_rate(match[0]))} (ratio {share:.2f})."
                         )

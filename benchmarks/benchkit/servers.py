@@ -13,8 +13,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-# An answer to "/" within this time means no backlog of requests is queued.
-IDLE_ANSWER_SECONDS = 0.05
+# A process using less than this share of one core between two checks is idle.
+IDLE_CPU_SHARE = 0.05
+IDLE_CHECK_SECONDS = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -35,11 +37,18 @@ class Server:
 
     def peak_rss_mib(self) -> float:
         """Return the process's peak resident set size (VmHWM) so far, in MiB."""
+        return self._memory_mib("VmHWM")
+
+    def rss_mib(self) -> float:
+        """Return the process's resident set size (VmRSS) now, in MiB."""
+        return self._memory_mib("VmRSS")
+
+    def _memory_mib(self, field: str) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text(encoding="ascii")
         for line in status.splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
-        raise RuntimeError(f"no VmHWM line in /proc/{self.process.pid}/status")
+        raise RuntimeError(f"no {field} line in /proc/{self.process.pid}/status")
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -62,25 +71,33 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError(f"server did not answer within {timeout:g} s:\n{self.log_tail()}")
 
+    def cpu_seconds(self) -> float:
+        """Return the CPU time the process has used so far, user and system, in seconds."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text(encoding="ascii")
+        # The command name in brackets may contain spaces; the fields after it don't.
+        after_name = fields.rsplit(")", 1)[1].split()
+        user, system = int(after_name[11]), int(after_name[12])
+        return (user + system) / CLOCK_TICKS
+
     def wait_until_idle(self, timeout: float = 300.0) -> float:
-        """Wait until the server answers ``/`` quickly twice in a row; return the seconds waited.
+        """Wait until the process has used almost no CPU for two checks in a row.
 
         wrk closes its connections at the end of a run, but the server goes on
-        with the requests it had accepted. Without this wait, that backlog
-        would delay the first requests of the next run.
+        with the requests it had accepted (and safereset's worker with the mail
+        they queued). Without this wait, that backlog would slow the next run.
+        Returns the seconds waited.
         """
         started = time.monotonic()
-        quick = 0
-        while quick < 2:
+        quiet = 0
+        before = self.cpu_seconds()
+        while quiet < 2:
             if time.monotonic() - started > timeout:
                 raise RuntimeError(f"server still busy after {timeout:g} s:\n{self.log_tail()}")
-            asked = time.monotonic()
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/", timeout=timeout):  # noqa: S310
-                    pass
-            except urllib.error.HTTPError:
-                pass
-            quick = quick + 1 if time.monotonic() - asked < IDLE_ANSWER_SECONDS else 0
+            time.sleep(IDLE_CHECK_SECONDS)
+            after = self.cpu_seconds()
+            busy = (after - before) / IDLE_CHECK_SECONDS
+            quiet = quiet + 1 if busy < IDLE_CPU_SHARE else 0
+            before = after
         return time.monotonic() - started
 
     def stop(self) -> None:

@@ -52,15 +52,19 @@ def to_async_url(url: str) -> URL:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """Create the async engine, with WAL, a busy timeout and BEGIN IMMEDIATE on SQLite.
+    """Create the async engine; on SQLite with one connection, WAL and BEGIN IMMEDIATE.
 
     PostgreSQL keeps SQLAlchemy's default async pool.
     """
     async_url = to_async_url(url)
-    engine = create_async_engine(async_url)
-    if async_url.get_backend_name() == "sqlite":
-        event.listen(engine.sync_engine, "connect", _configure_sqlite)
-        event.listen(engine.sync_engine, "begin", _begin_immediate)
+    if async_url.get_backend_name() != "sqlite":
+        return create_async_engine(async_url)
+    # One connection, as safereset has on SQLite: every transaction takes the
+    # write lock anyway, and waiting requests then queue in the pool instead
+    # of polling the lock in SQLite's busy handler.
+    engine = create_async_engine(async_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    event.listen(engine.sync_engine, "connect", _configure_sqlite)
+    event.listen(engine.sync_engine, "begin", _begin_immediate)
     return engine
 
 
