@@ -63,7 +63,7 @@ HASHING_LEVELS = (1, 2, 8)
 # a login changes Django's reset tokens (they cover the last login time), and a
 # new recovery request supersedes safereset's earlier tickets.
 LOGIN_ACCOUNTS = range(1000, 3000)
-FLOOD_CONNECTIONS = 8
+FLOOD_CONNECTIONS = 32
 REQUEST_FIRST = 3000
 
 
@@ -379,16 +379,7 @@ def measure_growth(
     completions: list[HttpRequest],
     labels: dict[str, Any],
 ) -> None:
-    size = labels["accounts"]
-    # The newest accounts log in: no reset has changed their password.
-    logins = [
-        application.login_request(population.email_of(index), PASSWORD)
-        for index in range(max(size - 500, 0), size)
-    ]
-    requests = [
-        application.recovery_request(population.email_of(index))
-        for index in range(size // 2, min(size // 2 + 1000, size))
-    ]
+    logins, requests = growth_requests(application, labels["accounts"])
     warm_up = [application.recovery_request(f"warm-up{index}@bench.example") for index in range(50)]
     files = work / "growth"
     files.mkdir(exist_ok=True)
@@ -435,14 +426,7 @@ def peer_growth_phase(
                 "populate_seconds": time.perf_counter() - started,
             }
             print(f"  {size} accounts (seeded in {labels['populate_seconds']:.1f} s)", flush=True)
-            logins = [
-                application.login_request(population.email_of(index), PASSWORD)
-                for index in range(max(size - 500, 0), size)
-            ]
-            requests = [
-                application.recovery_request(population.email_of(index))
-                for index in range(size // 2, min(size // 2 + 1000, size))
-            ]
+            logins, requests = growth_requests(application, size)
             runs = (
                 ("login", logins, application.success.login),
                 ("request", requests, application.success.request),
@@ -462,6 +446,24 @@ def peer_growth_phase(
                     record(results, "growth", outcome, success, route, labels)
         finally:
             databases.drop(database)
+
+
+def growth_requests(
+    application: Application, size: int
+) -> tuple[list[HttpRequest], list[HttpRequest]]:
+    """Return the logins and recovery requests of a growth step with ``size`` accounts.
+
+    The newest accounts log in, because no reset has changed their password.
+    """
+    logins = [
+        application.login_request(population.email_of(index), PASSWORD)
+        for index in range(max(size - 500, 0), size)
+    ]
+    requests = [
+        application.recovery_request(population.email_of(index))
+        for index in range(size // 2, min(size // 2 + 1000, size))
+    ]
+    return logins, requests
 
 
 def timing_uniformity(requests: int) -> str:
