@@ -133,6 +133,7 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]]),
         "options": asdict(options),
         "skipped": [],
+        "failed": [],
         "load": [],
         "flood": [],
         "memory": [],
@@ -159,25 +160,46 @@ def main() -> None:
         work = Path(folder)
         for backend in backends:
             for application in APPLICATIONS:
-                print(f"phase 2: load, {application.label} on {backend}", flush=True)
-                load_phase(application, backend, options, work, results)
+                title = f"load, {application.label} on {backend}"
+                phase(results, title, load_phase, application, backend, options, work, results)
         if not arguments.skip_growth:
             for backend in backends:
-                print(f"phase 3: growth on {backend}", flush=True)
-                growth_phase(backend, options, work, results)
+                title = f"growth on {backend}"
+                phase(results, title, growth_phase, backend, options, work, results)
             for backend in backends:
                 for peer in PEER_APPLICATIONS:
-                    print(f"phase 3: growth of {peer.label} on {backend}", flush=True)
-                    peer_growth_phase(peer, backend, options, work, results)
+                    title = f"growth of {peer.label} on {backend}"
+                    phase(results, title, peer_growth_phase, peer, backend, options, work, results)
 
-    print("phase 4: timing uniformity", flush=True)
+    print("timing uniformity", flush=True)
     results["timing"] = timing_uniformity(options.timing_requests)
     results["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    save(results)
     report.write(results, arguments.output)
     print(f"wrote {RESULTS} and {arguments.output}")
+    if results["failed"]:
+        raise SystemExit("some phases failed; the report lists them")
+
+
+def phase(results: dict[str, Any], title: str, run: Any, *arguments: Any) -> None:
+    """Run one phase; on failure note it in the report and go on with the next.
+
+    The results so far are saved after every phase, so a run that stops
+    halfway still leaves its figures for ``--report-only``.
+    """
+    print(title, flush=True)
+    try:
+        run(*arguments)
+    except Exception as error:  # one broken phase must not lose the others
+        message = f"{title}: {type(error).__name__}: {error}".splitlines()[0][:300]
+        print(f"  failed: {message}", flush=True)
+        results["failed"].append(message)
+    save(results)
+
+
+def save(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1), encoding="utf-8")
 
 
 def record(

@@ -36,6 +36,8 @@ def render(results: dict[str, Any]) -> list[str]:
     ]
     for reason in results["skipped"]:
         lines += [f"**Missing:** {reason}", ""]
+    for failure in results.get("failed", []):
+        lines += [f"**Failed, figures missing:** {failure}", ""]
     lines += machine_section(results)
     lines += method_section(results)
     lines += load_section(results)

@@ -23,7 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from users import MIN_PASSWORD_LENGTH, UserManager, password_helper
 
-MAX_USERS = 100_000
+# The benchmark's growth phase seeds up to a million accounts.
+MAX_USERS = 10_000_000
 # Rows per executemany call when inserting users.
 INSERT_BATCH_SIZE = 5_000
 # Addresses per IN (...) query when loading the users that get a token.
