@@ -58,10 +58,10 @@ REQUEST_LEVELS = (1, 8, 32)
 # Complete and login each cost one Argon2id computation of about 0.1 s, so
 # beyond a few connections per core the extra ones only queue.
 HASHING_LEVELS = (1, 2, 8)
-# Disjoint ranges of account indexes, because the routes change accounts: a
-# completed reset changes the password (so a login with the seeded one fails),
-# a login changes Django's reset tokens (they cover the last login time), and a
-# new recovery request supersedes safereset's earlier tickets.
+# Each route uses its own range of account indexes, because the routes change
+# accounts. A completed reset changes the password, so a login with the seeded
+# one would fail. A login changes Django's reset tokens, which cover the last
+# login time. A new recovery request supersedes safereset's earlier tickets.
 LOGIN_ACCOUNTS = range(1000, 3000)
 FLOOD_CONNECTIONS = 32
 REQUEST_FIRST = 3000

@@ -90,9 +90,10 @@ def test_digest_is_keyed_per_purpose() -> None:
     assert token not in ring.digest("ticket", token)
 
 
+@pytest.mark.threat("T30")
 def test_data_files_owner_only(tmp_path: Path) -> None:
-    # The database holds password hashes and the outbox holds recovery links,
-    # so neither may be readable by other local users.
+    # The database contains password hashes and the outbox recovery links, so
+    # other local users must not read either.
     data_dir = tmp_path / "data"
     settings = Settings(data_dir=data_dir, public_url="https://reset.example.test")
     runtime = build(settings)

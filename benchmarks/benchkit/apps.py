@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from benchkit import population
 from benchkit.databases import Database
 from benchkit.load import HttpRequest, form_post, json_post
-from benchkit.servers import Server, free_port, running
+from benchkit.servers import Server, free_port, running, stop_process
 from sqlalchemy import func, select
 
 from safereset.passwords import Hasher
@@ -38,8 +37,8 @@ VENVS = BENCHMARKS / ".venvs"
 PASSWORD = "benchmark-password-1"  # noqa: S105  # the password of every seeded account
 NEW_PASSWORD = "benchmark-new-passphrase-2"  # noqa: S105  # set by each completed reset
 SECRET_KEY = "benchmark-secret-key-0123456789abcdef-0123456789abcdef"  # noqa: S105
-# Rate limits would answer most benchmark requests with 429 and measure only
-# the refusal. Every limit is lifted; the bucket upserts still run.
+# Rate limits would reject most benchmark requests with 429, so a run would
+# measure only the rejection. Every limit is lifted; the bucket upserts still run.
 UNLIMITED = "1000000000/1d"
 LIMITS = (
     "limit_recovery_per_client",
@@ -195,7 +194,7 @@ class SafeResetSeparateWorker(Safereset):
     """safereset with its worker in a second process: ``serve --no-worker`` and ``worker``.
 
     Only the request route is measured: it is the one whose work the worker
-    does after the answer.
+    does after the response.
     """
 
     name = "safereset_separate_worker"
@@ -218,12 +217,7 @@ class SafeResetSeparateWorker(Safereset):
             with running(command, environment, port, work / "safereset.log") as server:
                 yield server
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker)
 
 
 class Peer(Application):

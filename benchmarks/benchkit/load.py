@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPLAY_SCRIPT = Path(__file__).with_name("replay.lua")
-# Keeps slow answers (a queue of Argon2id computations) in the latency figures
+# Keeps slow responses (a queue of Argon2id computations) in the latency figures
 # instead of counting them as wrk timeouts, which have no latency.
 WRK_TIMEOUT = "60s"
 FORBIDDEN = ("\t", "\n", "\r", "\x1f")
@@ -92,8 +92,8 @@ def run_wrk(
 ) -> LoadResult:
     """Send the requests of ``requests_file`` over ``connections`` keep-alive connections.
 
-    With ``once`` every line is sent at most one time (a 503 sends it again),
-    and a connection stops after its share; without it the lines repeat until
+    With ``once`` every line is sent once, or again after a 503, and a
+    connection stops after its share. Without it the lines repeat until
     ``seconds`` pass. With ``honour_retry_after`` a connection that gets 503
     waits for the time its Retry-After header gives.
     """

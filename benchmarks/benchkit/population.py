@@ -2,9 +2,9 @@
 
 Going through the service would hash every password (about 0.1 s each) and
 take hours for a million accounts. These inserts write the same rows the
-service writes: the account and ticket columns come from the machines' own
-first states, every account gets the same Argon2id hash of one password, and
-each outstanding ticket gets a random digest, as if its link were still in an
+service writes. The account and ticket columns come from the machines' own
+first states, and every account gets the same Argon2id hash of one password.
+Each outstanding ticket gets a random digest, as if its link were still in an
 inbox.
 """
 
@@ -57,8 +57,8 @@ def add_accounts(engine: Engine, total: int, password_hash: str) -> float:
     ticket_core = TicketCore("template")
     TICKETS.machine.create(ticket_core).issue(now, TICKET_TTL)
     ticket_columns = TICKETS.initial_columns(ticket_core, now)
-    # The lookup key is the folded address; check the shortcut below against
-    # the real parser once, so the bulk rows match what the service would write.
+    # The lookup key is the folded address. Checking the shortcut below against
+    # the real parser once keeps the bulk rows equal to what the service writes.
     if parse_address(email_of(first)).key != email_of(first):
         raise RuntimeError("the benchmark addresses no longer fold to themselves")
 

@@ -4,8 +4,8 @@
 -- Arguments after "--": the file, the number of threads, and "once" or "loop".
 -- Thread i of n sends lines i, i + n, i + 2n, ... over its one connection
 -- (run wrk with as many threads as connections). With "once" a thread stops
--- after its last line, so a one-time token is never sent twice (a 503 answer
--- sends the same line again); with "loop" it starts over. done() prints one line starting with WRK_RESULT and holding
+-- after its last line, so a one-time token is never sent twice (after a 503
+-- response the same line is sent again); with "loop" it starts over. done() prints one line starting with WRK_RESULT and holding
 -- JSON: counts, errors, latency percentiles, responses per status code, and
 -- how many threads ran out of lines.
 --

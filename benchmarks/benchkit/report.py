@@ -145,11 +145,11 @@ def method_section(results: dict[str, Any]) -> list[str]:
     return lines + table(["", "request", "complete", "login"], rows)
 
 
-def rows_of(results: dict[str, Any], **wanted: Any) -> list[dict[str, Any]]:
+def rows_of(results: dict[str, Any], **expected: Any) -> list[dict[str, Any]]:
     return [
         row
         for row in results["load"]
-        if all(row.get(name) == value for name, value in wanted.items())
+        if all(row.get(name) == value for name, value in expected.items())
     ]
 
 

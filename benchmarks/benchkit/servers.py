@@ -1,4 +1,4 @@
-"""Start a server process on loopback, wait until it answers, read its peak memory, stop it."""
+"""Start a server process on loopback, wait until it responds, read its memory, stop it."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError(f"server did not answer within {timeout:g} s:\n{self.log_tail()}")
+        raise RuntimeError(f"server did not respond within {timeout:g} s:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
         """Return the CPU time the process has used so far, user and system, in seconds."""
@@ -101,13 +101,18 @@ class Server:
         return time.monotonic() - started
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Ask ``process`` to stop with SIGTERM, and kill it if it still runs after 20 s."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @contextlib.contextmanager

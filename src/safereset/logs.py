@@ -24,7 +24,7 @@ from safereset.crypto import TOKEN_PATTERN
 request_id: ContextVar[str | None] = ContextVar("safereset_request_id", default=None)
 
 REDACTED = "[token redacted]"
-# Distinct warnings RepeatLimit tracks before it forgets windows that ended.
+# Distinct warnings RepeatLimit tracks before it drops the windows that ended.
 MAX_REPEAT_KEYS = 1000
 
 

@@ -94,9 +94,9 @@ def make_engine(url: str, pool: PoolSettings | None = None) -> Engine:
 def _create_private_file(path: Path) -> None:
     """Create an empty database file that only its owner may read, unless it exists.
 
-    The file holds password hashes. SQLite would create it with the process
-    umask, often 0644, and it gives the -wal and -shm files the database
-    file's permissions.
+    The file contains password hashes. SQLite would create it with the
+    process umask, often 0644, and it gives the -wal and -shm files the
+    database file's permissions.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
